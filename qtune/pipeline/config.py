@@ -1,0 +1,214 @@
+"""The one user-facing configuration model, loaded from YAML with ``--set`` overrides.
+
+Unknown keys are rejected; every field says what it trades off. Relative paths are resolved
+against the current working directory (the same rule for YAML and ``--set``). Stages never see
+this model: the pipeline hands them plain values.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+InputFormat = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion"]
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported before any work starts."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class InputConfig(_Section):
+    path: str | list[str] = Field(
+        description="Files, folders, globs, or a `datasets` save_to_disk directory (or a list)."
+    )
+    format: InputFormat = Field(
+        "auto", description="Row format; `auto` detects it per source from the first rows."
+    )
+    split: str = Field("train", description="Split to read from a saved DatasetDict.")
+    batch_rows: int = Field(
+        512, ge=1, description="Rows per ingest batch: larger is faster, smaller streams finer."
+    )
+
+
+class ModelConfig(_Section):
+    path: str = Field(description="Local model directory (config, weights, tokenizer).")
+    max_length: int = Field(2048, ge=8, description="Longest sample in tokens, as in training.")
+    chat_template: str | None = Field(
+        None,
+        description="For models without one: a built-in name (`chatml`) or a Jinja file path. "
+        "Overrides the tokenizer's own template when set.",
+    )
+    overlength: Literal["truncate", "reject"] = Field(
+        "truncate",
+        description="Samples over max_length: `truncate` cuts the tail of the last response "
+        "(as trainers do), `reject` lists them in rejects.",
+    )
+
+
+class ScoringConfig(_Section):
+    backend: str = Field(
+        "vllm", description="`vllm` (default, exact, fast) or `torch` (reference)."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Model dtype for scoring; `auto`: float32 on CPU, bfloat16 on GPU."
+    )
+    num_workers: int | None = Field(
+        None, ge=1, description="Scoring actors; default one per GPU (one on a CPU-only node)."
+    )
+    cpus_per_worker: int = Field(
+        1, ge=1, description="CPU cores reserved per scoring actor (its thread count on CPU)."
+    )
+    max_restarts: int = Field(
+        2, ge=0, description="Times a dead scoring actor is restarted before the job fails."
+    )
+    batch_size: int = Field(
+        64, ge=1, description="Samples handed to one scoring call; larger amortises overhead."
+    )
+    max_num_seqs: int = Field(256, ge=1, description="vLLM: sequences per engine step.")
+    max_num_batched_tokens: int | None = Field(
+        None,
+        description="vLLM: tokens per engine step; must be >= model.max_length (chunked prefill "
+        "is off so every sample is scored in one step). Default: max(max_length, 16384).",
+    )
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="vLLM on GPU.")
+    cpu_kvcache_gib: int = Field(
+        1, ge=1, description="vLLM on CPU: KV cache size (VLLM_CPU_KVCACHE_SPACE)."
+    )
+    enforce_eager: bool = Field(
+        True, description="vLLM: skip graph capture (faster start; capture pays off on GPU)."
+    )
+    tokens_per_forward: int = Field(
+        16384, ge=16, description="torch backend: padded tokens per forward pass."
+    )
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, value: str) -> str:
+        from qtune.stages.score import BACKENDS
+
+        if value not in BACKENDS:
+            raise ValueError(f"unknown backend {value!r}; valid: {', '.join(sorted(BACKENDS))}")
+        return value
+
+
+class OutputConfig(_Section):
+    dir: str = Field(description="Output directory (scores, rejects, data versions).")
+
+
+class RayConfig(_Section):
+    address: str | None = Field(
+        None, description="Ray cluster address (`auto`, `ray://host:10001`); unset: embedded Ray."
+    )
+    num_cpus: int | None = Field(None, ge=1, description="Embedded Ray: CPUs to use.")
+    object_store_gib: float | None = Field(
+        None, gt=0, description="Embedded Ray: object store size (default: Ray's own)."
+    )
+
+
+class QTuneConfig(_Section):
+    input: InputConfig
+    model: ModelConfig
+    scoring: ScoringConfig = Field(default_factory=ScoringConfig)
+    output: OutputConfig
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _batched_tokens_cover_max_length(self) -> QTuneConfig:
+        mnbt = self.scoring.max_num_batched_tokens
+        if mnbt is not None and mnbt < self.model.max_length:
+            raise ValueError(
+                f"scoring.max_num_batched_tokens ({mnbt}) must be >= model.max_length "
+                f"({self.model.max_length}): each sample is scored in one engine step"
+            )
+        return self
+
+    def to_json(self) -> str:
+        """Resolved configuration, for manifests and fingerprints."""
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"section.key=value"`` -> (["section", "key"], YAML-parsed value)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects section.key=value, got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML: {e}") from e
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {'.'.join(path)}: {part} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for item in err.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            section = _section_model(item["loc"][:-1])
+            valid = ", ".join(section.model_fields) if section else ""
+            lines.append(
+                f"  {key}: unknown key" + (f" (valid keys here: {valid})" if valid else "")
+            )
+        elif item["type"] == "missing":
+            lines.append(f"  {key}: required but not set")
+        else:
+            lines.append(f"  {key}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def _section_model(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] = QTuneConfig
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type):
+            return None
+        if not issubclass(field.annotation, BaseModel):
+            return None
+        model = field.annotation
+    return model
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> QTuneConfig:
+    """Read YAML (or start empty), apply ``--set`` overrides, validate. Raises ConfigError."""
+    data: dict[str, Any] = {}
+    source = "--set overrides"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from e
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(
+                f"{path}: expected a mapping of sections, got {type(loaded).__name__}"
+            )
+        data = loaded or {}
+    data = apply_overrides(data, overrides or [])
+    try:
+        return QTuneConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, source)) from None

@@ -1,0 +1,242 @@
+"""The scoring job: corpus -> normalised rows -> tokens -> scores -> scored cache + rejects.
+
+Wires the stages into one streaming Ray Data pipeline (embedded Ray unless ``ray.address`` is
+set): reading and tokenisation run as CPU tasks, scoring as an actor pool with one engine per GPU
+(per CPU worker without GPUs), and a writer task routes every batch. Output is written to a
+staging directory and moved into ``scores/epoch_NNN`` and ``rejects/epoch_NNN`` only when
+complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+
+from qtune.pipeline.config import QTuneConfig
+from qtune.pipeline.layout import OutputLayout, publish_dir
+from qtune.stages import ingest
+from qtune.stages.score import ScoringOptions
+from qtune.stages.score.stage import Score
+from qtune.stages.tokenize import Tokenize, check_tokenizer_serves, resolve_chat_template
+from qtune.stages.write import STATS_SCHEMA, WriteScores
+
+logger = logging.getLogger(__name__)
+
+
+class PipelineError(RuntimeError):
+    """The job could not run or produced nothing usable; the message says why."""
+
+
+@dataclass
+class ScoreSummary:
+    output_dir: str
+    scores_dir: str
+    rejects_dir: str
+    sources: int
+    rows: int = 0
+    scored: int = 0
+    rejected: int = 0
+    truncated: int = 0
+    tokens: int = 0
+    response_tokens: int = 0
+    mean_nll: float = float("nan")
+    mean_entropy: float = float("nan")
+    mean_token_entropy: float = float("nan")
+    reasons: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    backend: str = ""
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {**asdict(self), "tokens_per_second": self.tokens_per_second}, indent=2, sort_keys=True
+        )
+
+
+def scoring_options(cfg: QTuneConfig) -> ScoringOptions:
+    s = cfg.scoring
+    return ScoringOptions(
+        model_path=str(Path(cfg.model.path).absolute()),
+        max_length=cfg.model.max_length,
+        dtype=s.dtype,
+        max_num_seqs=s.max_num_seqs,
+        max_num_batched_tokens=s.max_num_batched_tokens,
+        gpu_memory_utilization=s.gpu_memory_utilization,
+        cpu_kvcache_gib=s.cpu_kvcache_gib,
+        enforce_eager=s.enforce_eager,
+        tokens_per_forward=s.tokens_per_forward,
+        num_threads=s.cpus_per_worker,
+    )
+
+
+def _resolve_sources(cfg: QTuneConfig) -> list[tuple[ingest.Source, str]]:
+    sources = ingest.discover_sources(cfg.input.path)
+    resolved = []
+    for source in sources:
+        fmt = cfg.input.format
+        if fmt == "auto":
+            fmt = ingest.detect_source_format(source, cfg.input.split) or "auto"
+        resolved.append((source, fmt))
+    return resolved
+
+
+def preflight(cfg: QTuneConfig) -> list[tuple[ingest.Source, str]]:
+    """Every check that can fail before any work starts."""
+    model_path = Path(cfg.model.path)
+    if not model_path.is_dir():
+        raise PipelineError(f"model.path {cfg.model.path!r} is not a directory")
+    sources = _resolve_sources(cfg)
+    check_tokenizer_serves(
+        str(model_path.absolute()),
+        resolve_chat_template(cfg.model.chat_template),
+        {fmt for _, fmt in sources if fmt != "auto"},
+    )
+    return sources
+
+
+def _init_ray(cfg: QTuneConfig) -> bool:
+    """Connect to the configured cluster or start embedded Ray. True if we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kwargs: dict = {"include_dashboard": False, "logging_level": logging.WARNING}
+    if cfg.ray.address:
+        ray.init(address=cfg.ray.address, **kwargs)
+        return True
+    if cfg.ray.num_cpus:
+        kwargs["num_cpus"] = cfg.ray.num_cpus
+    if cfg.ray.object_store_gib:
+        kwargs["object_store_memory"] = int(cfg.ray.object_store_gib * 2**30)
+    ray.init(**kwargs)
+    return True
+
+
+def _scoring_resources(cfg: QTuneConfig) -> dict:
+    import ray
+    import ray.data
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    # An explicit restart budget also keeps Ray from fusing tokenisation into the scoring actors.
+    common = {"max_restarts": cfg.scoring.max_restarts}
+    if gpus:
+        size = cfg.scoring.num_workers or gpus
+        return {"compute": ray.data.ActorPoolStrategy(size=size), "num_gpus": 1, **common}
+    size = cfg.scoring.num_workers or 1
+    return {
+        "compute": ray.data.ActorPoolStrategy(size=size),
+        "num_cpus": cfg.scoring.cpus_per_worker,
+        **common,
+    }
+
+
+def run_score(cfg: QTuneConfig, epoch: int = 0) -> ScoreSummary:
+    """Score the configured corpus into ``scores/epoch_NNN`` (+ ``rejects/epoch_NNN``)."""
+    import ray
+    import ray.data
+
+    started = time.perf_counter()
+    sources = preflight(cfg)
+    layout = OutputLayout(Path(cfg.output.dir))
+    staging = layout.new_staging_dir(f"score-{epoch:03d}")
+    staged_scores, staged_rejects = staging / "scores", staging / "rejects"
+    staged_scores.mkdir()
+    staged_rejects.mkdir()
+
+    we_started_ray = _init_ray(cfg)
+    try:
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = sys.stderr.isatty()
+        chat_template = resolve_chat_template(cfg.model.chat_template)
+        model_path = str(Path(cfg.model.path).absolute())
+        items = [
+            {"path": str(Path(s.path).absolute()), "kind": s.kind, "format": f} for s, f in sources
+        ]
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        ds = ds.map_batches(
+            ingest.ReadSources(cfg.input.batch_rows, cfg.input.split),
+            batch_size=1,
+            batch_format="pyarrow",
+        )
+        ds = ds.map_batches(
+            Tokenize(model_path, cfg.model.max_length, chat_template, cfg.model.overlength),
+            batch_size=cfg.input.batch_rows,
+            batch_format="pyarrow",
+            udf_modifying_row_count=False,
+        )
+        ds = ds.map_batches(
+            Score,
+            fn_constructor_args=(cfg.scoring.backend, scoring_options(cfg)),
+            batch_size=cfg.scoring.batch_size,
+            batch_format="pyarrow",
+            udf_modifying_row_count=False,
+            **_scoring_resources(cfg),
+        )
+        ds = ds.map_batches(
+            WriteScores(str(staged_scores), str(staged_rejects)),
+            batch_size=None,
+            batch_format="pyarrow",
+        )
+        stats = [b for b in ds.iter_batches(batch_size=None, batch_format="pyarrow")]
+    finally:
+        if we_started_ray:
+            ray.shutdown()
+
+    summary = summarise(
+        pa.concat_tables(stats) if stats else STATS_SCHEMA.empty_table(),
+        layout,
+        epoch,
+        len(sources),
+    )
+    summary.seconds = time.perf_counter() - started
+    summary.backend = cfg.scoring.backend
+    if summary.rows == 0:
+        raise PipelineError(f"input {cfg.input.path!r} has no rows")
+    (staged_scores / "_summary.json").write_text(summary.to_json())
+    (staged_scores / "_config.json").write_text(cfg.to_json())
+    publish_dir(staged_scores, layout.scores_dir(epoch))
+    publish_dir(staged_rejects, layout.rejects_dir(epoch))
+    staging.rmdir()
+    return summary
+
+
+def summarise(stats: pa.Table, layout: OutputLayout, epoch: int, n_sources: int) -> ScoreSummary:
+    totals = {
+        name: sum(stats.column(name).to_pylist())
+        for name in STATS_SCHEMA.names
+        if name != "reasons"
+    }
+    reasons: dict[str, int] = {}
+    for text in stats.column("reasons").to_pylist():
+        for reason, count in json.loads(text).items():
+            reasons[reason] = reasons.get(reason, 0) + count
+    scored = totals["scored"]
+    return ScoreSummary(
+        output_dir=str(layout.root),
+        scores_dir=str(layout.scores_dir(epoch)),
+        rejects_dir=str(layout.rejects_dir(epoch)),
+        sources=n_sources,
+        rows=totals["rows"],
+        scored=scored,
+        rejected=totals["rejected"],
+        truncated=totals["truncated"],
+        tokens=totals["tokens"],
+        response_tokens=totals["response_tokens"],
+        mean_nll=totals["sum_nll"] / scored if scored else float("nan"),
+        mean_entropy=totals["sum_entropy"] / scored if scored else float("nan"),
+        mean_token_entropy=(
+            totals["token_sum_entropy"] / totals["response_tokens"]
+            if totals["response_tokens"]
+            else float("nan")
+        ),
+        reasons=dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
+    )

@@ -1,0 +1,82 @@
+"""Score stage: add per-token log-prob/entropy and the sample's PPL/entropy to tokenized rows.
+
+Input columns: ``input_ids``, ``loss_mask``, ``reject_reason`` (TOKENIZED_SCHEMA).
+Output columns (added): ``token_logprob``, ``token_entropy`` (list<float32>, aligned with
+``input_ids``), ``nll``, ``ppl``, ``entropy`` (float64; DESIGN section 2). Rejected rows pass
+through with null scores. The backend (engine or model) loads on the first call, once per actor.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pyarrow as pa
+
+from qtune import schema
+from qtune.stages.eu_plane import sample_error_uncertainty
+from qtune.stages.score import ScoringBackend, ScoringOptions, create_backend
+
+logger = logging.getLogger(__name__)
+
+
+class Score:
+    def __init__(self, backend: str, options: ScoringOptions):
+        self.backend_name = backend
+        self.options = options
+        self._backend: ScoringBackend | None = None
+
+    @property
+    def backend(self) -> ScoringBackend:
+        if self._backend is None:
+            self._backend = create_backend(self.backend_name, self.options)
+        return self._backend
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        schema.require_columns(
+            batch, [schema.INPUT_IDS, schema.LOSS_MASK, schema.REJECT_REASON], "score"
+        )
+        usable = batch.column(schema.REJECT_REASON).is_null().to_numpy(zero_copy_only=False)
+        offsets, ids = schema.list_offsets_and_values(batch.column(schema.INPUT_IDS))
+        _, mask = schema.list_offsets_and_values(batch.column(schema.LOSS_MASK))
+        rows = np.flatnonzero(usable)
+        scored = (
+            self.backend.score([ids[offsets[i] : offsets[i + 1]] for i in rows])
+            if len(rows)
+            else []
+        )
+
+        logprob = np.zeros(len(ids), dtype=np.float32)
+        entropy = np.zeros(len(ids), dtype=np.float32)
+        for i, result in zip(rows, scored, strict=True):
+            if result.shape != (offsets[i + 1] - offsets[i], 2):
+                raise RuntimeError(
+                    f"{self.backend_name} backend returned shape {result.shape} for a sequence "
+                    f"of {offsets[i + 1] - offsets[i]} tokens"
+                )
+            logprob[offsets[i] : offsets[i + 1]] = result[:, 0]
+            entropy[offsets[i] : offsets[i + 1]] = result[:, 1]
+        nll, ppl, sample_entropy = sample_error_uncertainty(offsets, mask, logprob, entropy)
+
+        nulls = pa.array(~usable)
+        arrow_offsets = pa.array(offsets.astype(np.int32))
+        return schema.with_columns(
+            batch,
+            schema.SCORED_SCHEMA,
+            {
+                schema.TOKEN_LOGPROB: pa.ListArray.from_arrays(
+                    arrow_offsets, pa.array(logprob), mask=nulls
+                ),
+                schema.TOKEN_ENTROPY: pa.ListArray.from_arrays(
+                    arrow_offsets, pa.array(entropy), mask=nulls
+                ),
+                schema.NLL: pa.array(nll, mask=~usable),
+                schema.PPL: pa.array(ppl, mask=~usable),
+                schema.ENTROPY: pa.array(sample_entropy, mask=~usable),
+            },
+        )
+
+    def close(self) -> None:
+        if self._backend is not None:
+            self._backend.close()
+            self._backend = None

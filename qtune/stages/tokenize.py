@@ -1,0 +1,296 @@
+"""Tokenize: render each conversation with the model's chat template and mark the loss positions.
+
+Input columns: ``messages``, ``format``, ``reject_reason`` (rows already rejected pass through).
+Output columns (added): ``input_ids`` list<int32>, ``loss_mask`` list<int8>, ``n_tokens``,
+``n_response_tokens`` (int32), ``truncated`` (bool); rows that cannot be tokenised get
+``reject_reason`` (``template_error``, ``too_long``, ``no_response_tokens``).
+
+Loss positions are every token of every assistant turn including its end-of-turn token, exactly
+the tokens a trainer puts a label on:
+
+- a template with ``{% generation %}`` markers is applied by ``transformers`` itself with
+  ``return_assistant_tokens_mask`` (what TRL's ``assistant_only_loss`` uses);
+- any other template is rendered for growing prefixes of the conversation: the characters a turn
+  adds after the generation prompt, up to its end-of-turn marker, are that turn's span, and the
+  tokens of the full rendering that overlap a span carry loss. Whitespace the template emits after
+  the end-of-turn marker (ChatML's newline) is the next turn's boundary, not the response.
+- ``prompt_completion`` rows with plain strings and no chat template are joined plainly
+  (prompt + completion + EOS, the tokenizer's own BOS), with the loss on the completion and EOS,
+  as TRL does for prompt/completion data.
+
+The template output is tokenised with ``add_special_tokens=False`` (as ``apply_chat_template``
+does), so a template that writes BOS gets exactly one.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from qtune import schema
+from qtune.schema import RejectReason
+
+logger = logging.getLogger(__name__)
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+BUILTIN_CHAT_TEMPLATES = {"chatml": CHATML_TEMPLATE}
+TRUNCATE, REJECT = "truncate", "reject"
+
+
+class TokenizerSetupError(ValueError):
+    """The tokenizer or chat template cannot serve this corpus (reported before any work)."""
+
+
+def resolve_chat_template(spec: str | None) -> str | None:
+    """A built-in template name or a Jinja file path -> template text (None stays None)."""
+    if spec is None:
+        return None
+    if spec in BUILTIN_CHAT_TEMPLATES:
+        return BUILTIN_CHAT_TEMPLATES[spec]
+    path = Path(spec)
+    if not path.is_file():
+        raise TokenizerSetupError(
+            f"model.chat_template {spec!r} is neither a built-in "
+            f"({', '.join(BUILTIN_CHAT_TEMPLATES)}) nor an existing Jinja file"
+        )
+    return path.read_text()
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(model_path: str, chat_template: str | None = None) -> Any:
+    """The model's fast tokenizer, with ``chat_template`` (text) installed when given.
+
+    Cached per process: tokenisation runs as stateless Ray tasks that reuse worker processes.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+    except (OSError, ValueError) as e:
+        raise TokenizerSetupError(f"cannot load the tokenizer of {model_path}: {e}") from e
+    if not tokenizer.is_fast:
+        raise TokenizerSetupError(
+            f"{model_path}: a fast (Rust) tokenizer is required for exact loss spans"
+        )
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def check_tokenizer_serves(model_path: str, chat_template: str | None, formats: set[str]) -> None:
+    """Fail early when chat-format sources meet a tokenizer without a chat template."""
+    tokenizer = load_tokenizer(model_path, chat_template)
+    chat_formats = formats - {"prompt_completion"}
+    if chat_formats and not tokenizer.chat_template:
+        raise TokenizerSetupError(
+            f"{model_path} has no chat template but the input has {', '.join(sorted(chat_formats))}"
+            " rows; set model.chat_template to a built-in (chatml) or a Jinja file"
+        )
+
+
+class _Reject(Exception):
+    def __init__(self, reason: RejectReason, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def _render(tokenizer: Any, messages: list[dict], add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+
+
+def _end_markers(tokenizer: Any) -> list[str]:
+    markers = {tokenizer.eos_token, *tokenizer.all_special_tokens} - {tokenizer.bos_token, None}
+    return sorted(markers, key=len, reverse=True)
+
+
+def assistant_char_spans(tokenizer: Any, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """Full rendering and the character span of every assistant turn (prefix method)."""
+    full = _render(tokenizer, messages, False)
+    spans: list[tuple[int, int]] = []
+    cursor = 0
+    for k, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:k], True) if k else ""
+        through = _render(tokenizer, messages[: k + 1], False)
+        if full.startswith(before) and full.startswith(through) and len(through) > len(before):
+            start, end = len(before), len(through.rstrip())
+        else:
+            # The template renders a turn differently when it is last (e.g. reasoning blocks):
+            # locate the content itself and extend over an end-of-turn marker right after it.
+            start = full.find(message["content"], cursor)
+            if start < 0:
+                raise _Reject(
+                    RejectReason.TEMPLATE_ERROR,
+                    f"assistant turn {k} not found in the chat template's rendering",
+                )
+            end = start + len(message["content"])
+            for marker in _end_markers(tokenizer):
+                if full.startswith(marker, end):
+                    end += len(marker)
+                    break
+        spans.append((start, end))
+        cursor = end
+    return full, spans
+
+
+def _mask_from_offsets(offsets: np.ndarray, spans: list[tuple[int, int]]) -> tuple[np.ndarray, int]:
+    """Loss mask (tokens overlapping any span) and the first token of the last span."""
+    starts, ends = offsets[:, 0], offsets[:, 1]
+    mask = np.zeros(len(offsets), dtype=bool)
+    last_start = len(offsets)
+    for a, b in spans:
+        in_span = (starts < b) & (ends > a)
+        mask |= in_span
+        hits = np.flatnonzero(in_span)
+        if hits.size:
+            last_start = int(hits[0])
+    return mask, last_start
+
+
+class Tokenize:
+    """Stage: add token ids and loss mask to normalised conversations (see module docstring)."""
+
+    def __init__(
+        self,
+        model_path: str,
+        max_length: int,
+        chat_template: str | None = None,
+        overlength: str = TRUNCATE,
+    ):
+        if overlength not in (TRUNCATE, REJECT):
+            raise ValueError(f"overlength must be {TRUNCATE!r} or {REJECT!r}, got {overlength!r}")
+        self.model_path = model_path
+        self.max_length = max_length
+        self.chat_template = chat_template
+        self.overlength = overlength
+
+    @property
+    def tokenizer(self) -> Any:
+        return load_tokenizer(self.model_path, self.chat_template)
+
+    def _encode_chat(self, messages: list[dict]) -> tuple[np.ndarray, np.ndarray, int]:
+        tokenizer = self.tokenizer
+        template = tokenizer.chat_template or ""
+        if "{% generation %}" in template or "{%- generation %}" in template:
+            encoded = tokenizer.apply_chat_template(
+                messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+            )
+            ids = np.asarray(encoded["input_ids"], dtype=np.int64)
+            mask = np.asarray(encoded["assistant_masks"], dtype=bool)
+            hits = np.flatnonzero(np.diff(mask.astype(np.int8), prepend=0) == 1)
+            return ids, mask, int(hits[-1]) if hits.size else len(ids)
+        text, spans = assistant_char_spans(tokenizer, messages)
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        offsets = np.asarray(encoded["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+        mask, last_start = _mask_from_offsets(offsets, spans)
+        return np.asarray(encoded["input_ids"], dtype=np.int64), mask, last_start
+
+    def _encode_plain(self, prompt: str, completion: str) -> tuple[np.ndarray, np.ndarray, int]:
+        tokenizer = self.tokenizer
+        eos = tokenizer.eos_token or ""
+        if eos and not completion.endswith(eos):
+            completion += eos
+        text = prompt + completion
+        bos = tokenizer.bos_token
+        add_special = not (bos and text.startswith(bos))
+        encoded = tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True)
+        offsets = np.asarray(encoded["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+        ids = np.asarray(encoded["input_ids"], dtype=np.int64)
+        # Special tokens the tokenizer adds (BOS) have empty offsets and never carry loss.
+        mask, last_start = _mask_from_offsets(offsets, [(len(prompt), len(text))])
+        return ids, mask, last_start
+
+    def encode(self, messages: list[dict], fmt: str) -> tuple[np.ndarray, np.ndarray, bool]:
+        """One conversation -> (input_ids, loss mask, truncated). Raises _Reject."""
+        try:
+            if fmt == "prompt_completion" and not self.tokenizer.chat_template:
+                ids, mask, last_start = self._encode_plain(
+                    messages[0]["content"], messages[1]["content"]
+                )
+            else:
+                ids, mask, last_start = self._encode_chat(messages)
+        except _Reject:
+            raise
+        except Exception as e:  # jinja2 raises TemplateError subclasses and plain exceptions
+            raise _Reject(RejectReason.TEMPLATE_ERROR, f"chat template failed: {e}") from e
+        mask[:1] = False  # nothing predicts the first token
+        truncated = False
+        if len(ids) > self.max_length:
+            if self.overlength == REJECT:
+                raise _Reject(
+                    RejectReason.TOO_LONG, f"{len(ids)} tokens > model.max_length {self.max_length}"
+                )
+            if last_start >= self.max_length:
+                raise _Reject(
+                    RejectReason.TOO_LONG,
+                    f"{len(ids)} tokens; the last response starts at token {last_start}, past "
+                    f"model.max_length {self.max_length}, so truncating would drop it whole",
+                )
+            ids, mask, truncated = ids[: self.max_length], mask[: self.max_length], True
+        if not mask.any():
+            raise _Reject(RejectReason.NO_RESPONSE_TOKENS, "no token carries a label")
+        return ids, mask, truncated
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        schema.require_columns(
+            batch, [schema.MESSAGES, schema.FORMAT, schema.REJECT_REASON], "tokenize"
+        )
+        messages_col = batch.column(schema.MESSAGES).to_pylist()
+        formats = batch.column(schema.FORMAT).to_pylist()
+        reasons = batch.column(schema.REJECT_REASON).to_pylist()
+        details = batch.column(schema.REJECT_DETAIL).to_pylist()
+        raws = batch.column(schema.RAW).to_pylist()
+        ids_out, mask_out, truncated_out = [], [], []
+        n_truncated = 0
+        for i, messages in enumerate(messages_col):
+            ids = mask = None
+            truncated = False
+            if reasons[i] is None:
+                try:
+                    ids, mask, truncated = self.encode(messages, formats[i])
+                except _Reject as e:
+                    reasons[i], details[i] = e.reason.value, e.detail
+                    raws[i] = _messages_json(messages)
+            ids_out.append(ids)
+            mask_out.append(mask)
+            truncated_out.append(truncated)
+            n_truncated += truncated
+        if n_truncated:
+            logger.info(
+                "tokenize: truncated %d sample(s) to max_length %d", n_truncated, self.max_length
+            )
+        lengths = np.array([0 if a is None else len(a) for a in ids_out], dtype=np.int32)
+        n_response = np.array([0 if m is None else int(m.sum()) for m in mask_out], dtype=np.int32)
+        return schema.with_columns(
+            batch,
+            schema.TOKENIZED_SCHEMA,
+            {
+                schema.RAW: pa.array(raws, pa.string()),
+                schema.REJECT_REASON: pa.array(reasons, pa.string()),
+                schema.REJECT_DETAIL: pa.array(details, pa.string()),
+                schema.INPUT_IDS: schema.list_array(ids_out, pa.int32()),
+                schema.LOSS_MASK: schema.list_array(mask_out, pa.int8()),
+                schema.N_TOKENS: pa.array(lengths),
+                schema.N_RESPONSE_TOKENS: pa.array(n_response),
+                schema.TRUNCATED: pa.array(truncated_out, pa.bool_()),
+            },
+        )
+
+
+def _messages_json(messages: list[dict] | None) -> str:
+    return json.dumps({"messages": messages}, ensure_ascii=False)

@@ -1,0 +1,35 @@
+"""Demo assets are built once, loadable, and reused while the recipe is unchanged."""
+
+from __future__ import annotations
+
+from qtune.demo.assets import DEMO_RECIPE, STAMP, prepare_demo_corpus, prepare_demo_model
+
+
+def test_demo_assets_build_once_and_reuse(tmp_path):
+    recipe = {
+        **DEMO_RECIPE,
+        "n_samples": 40,
+        "train_conversations": 64,
+        "train_seconds": 2.0,
+        "vocab_size": 300,
+    }
+    corpus = prepare_demo_corpus(tmp_path / "corpus", recipe)
+    model = prepare_demo_model(tmp_path / "model", recipe)
+    assert sorted(p.name for p in corpus.iterdir() if p.name != STAMP) == [
+        "alpaca.parquet",
+        "chat.jsonl",
+        "completions.jsonl",
+        "sharegpt.json",
+    ]
+    stamp_time = (model / STAMP).stat().st_mtime_ns
+    assert prepare_demo_model(tmp_path / "model", recipe) == model
+    assert (model / STAMP).stat().st_mtime_ns == stamp_time  # cached, not rebuilt
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(model).chat_template
+    assert AutoModelForCausalLM.from_pretrained(model).config.head_dim == 64
+    # A changed recipe rebuilds.
+    prepare_demo_corpus(tmp_path / "corpus", {**recipe, "n_samples": 41})
+    assert (tmp_path / "corpus" / STAMP).read_text() != ""
+    assert not list(tmp_path.glob(".*.tmp"))
