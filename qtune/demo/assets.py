@@ -26,7 +26,7 @@ DEMO_RECIPE = {
     "arch": "llama",
     "train_seconds": 120.0,
 }
-STAMP = "qtune_demo.json"
+STAMP = "_qtune_demo.json"
 
 
 def _is_current(directory: Path, recipe: dict) -> bool:
@@ -77,7 +77,7 @@ def prepare_demo_model(model_dir: Path, recipe: dict = DEMO_RECIPE) -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     save_tiny_model(staging, recipe["arch"], tokenizer, model=model)
     (staging / STAMP).write_text(json.dumps(recipe))
-    (staging / "qtune_demo_training.json").write_text(json.dumps(stats))
+    (staging / "_qtune_demo_training.json").write_text(json.dumps(stats))
     publish_dir(staging, model_dir)
     logger.info(
         "demo model ready in %.0f s (loss %.3f -> %.3f): %s",

@@ -102,6 +102,8 @@ def discover_sources(paths: str | list[str]) -> list[Source]:
                 found[str(path)] = Source(str(path), "hf_dataset")
             elif path.is_dir():
                 for child in sorted(path.rglob("*")):
+                    if _hidden(child, path):
+                        continue
                     if child.is_dir() and _is_saved_dataset(child):
                         found[str(child)] = Source(str(child), "hf_dataset")
                     elif child.is_file() and not _inside_saved_dataset(child, path):
@@ -119,6 +121,11 @@ def discover_sources(paths: str | list[str]) -> list[Source]:
     if not found:
         raise InputError(f"input.path {paths!r} contains no readable input files")
     return [found[k] for k in sorted(found)]
+
+
+def _hidden(child: Path, root: Path) -> bool:
+    # As Spark and Hadoop do: names starting with "." or "_" are metadata, not data.
+    return any(part.startswith((".", "_")) for part in child.relative_to(root).parts)
 
 
 def _inside_saved_dataset(child: Path, root: Path) -> bool:

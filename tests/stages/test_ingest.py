@@ -134,6 +134,9 @@ def test_discovery_folders_globs_and_errors(tmp_path):
     _write_jsonl(tmp_path / "x" / "a.jsonl", [])
     (tmp_path / "x" / "b.parquet").write_bytes(b"")
     (tmp_path / "x" / "notes.txt").write_text("ignored inside folders")
+    (tmp_path / "x" / "_meta.json").write_text("{}")  # "_" and "." names are metadata
+    (tmp_path / "x" / ".hidden").mkdir()
+    (tmp_path / "x" / ".hidden" / "c.jsonl").write_text("{}")
     assert [s.kind for s in discover_sources(str(tmp_path / "x"))] == ["jsonl", "parquet"]
     assert len(discover_sources(str(tmp_path / "x" / "*.jsonl"))) == 1
     with pytest.raises(InputError, match="matches no file"):
