@@ -6,13 +6,16 @@ import logging
 import math
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from qtune.pipeline.config import ConfigError, QTuneConfig, load_config
+
+if TYPE_CHECKING:
+    from qtune.pipeline.score_job import ScoreSummary
 
 app = typer.Typer(
     add_completion=False,
@@ -77,7 +80,7 @@ def _root_cause(error: BaseException) -> BaseException:
     return seen
 
 
-def print_score_summary(summary) -> None:
+def print_score_summary(summary: ScoreSummary) -> None:
     table = Table(title="qtune score", show_header=False, title_justify="left")
     table.add_column("what")
     table.add_column("value", justify="right")

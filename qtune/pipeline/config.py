@@ -58,7 +58,7 @@ class ScoringConfig(_Section):
         "vllm", description="`vllm` (default, exact, fast) or `torch` (reference)."
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Model dtype for scoring; `auto`: float32 on CPU, bfloat16 on GPU."
+        "auto", description="Model dtype for scoring; `auto`: float32 on CPU, checkpoint's on GPU."
     )
     num_workers: int | None = Field(
         None, ge=1, description="Scoring actors; default one per GPU (one on a CPU-only node)."
@@ -70,7 +70,7 @@ class ScoringConfig(_Section):
         2, ge=0, description="Times a dead scoring actor is restarted before the job fails."
     )
     batch_size: int = Field(
-        64, ge=1, description="Samples handed to one scoring call; larger amortises overhead."
+        256, ge=1, description="Samples handed to one scoring call; larger amortises overhead."
     )
     max_num_seqs: int = Field(256, ge=1, description="vLLM: sequences per engine step.")
     max_num_batched_tokens: int | None = Field(

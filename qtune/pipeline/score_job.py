@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
@@ -23,8 +26,12 @@ from qtune.pipeline.layout import OutputLayout, publish_dir
 from qtune.stages import ingest
 from qtune.stages.score import ScoringOptions
 from qtune.stages.score.stage import Score
+from qtune.stages.score.vllm_backend import check_vllm_can_serve
 from qtune.stages.tokenize import Tokenize, check_tokenizer_serves, resolve_chat_template
 from qtune.stages.write import STATS_SCHEMA, WriteScores
+
+if TYPE_CHECKING:
+    import ray.data
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +146,48 @@ def _scoring_resources(cfg: QTuneConfig) -> dict:
     }
 
 
+def build_score_dataset(
+    cfg: QTuneConfig,
+    sources: list[tuple[ingest.Source, str]],
+    scores_dir: Path,
+    rejects_dir: Path,
+) -> ray.data.Dataset:
+    """The streaming Ray Data plan: read -> tokenize (tasks) -> score (actors) -> write (tasks)."""
+    import ray.data
+
+    chat_template = resolve_chat_template(cfg.model.chat_template)
+    model_path = str(Path(cfg.model.path).absolute())
+    items = [
+        {"path": str(Path(s.path).absolute()), "kind": s.kind, "format": f} for s, f in sources
+    ]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(
+        ingest.ReadSources(cfg.input.batch_rows, cfg.input.split),
+        batch_size=1,
+        batch_format="pyarrow",
+    )
+    ds = ds.map_batches(
+        Tokenize(model_path, cfg.model.max_length, chat_template, cfg.model.overlength),
+        batch_size=cfg.input.batch_rows,
+        batch_format="pyarrow",
+        udf_modifying_row_count=False,
+    )
+    with warnings.catch_warnings():
+        # max_restarts has no named parameter yet; Ray warns about every extra remote arg.
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*is deprecated")
+        ds = ds.map_batches(
+            Score,
+            fn_constructor_args=(cfg.scoring.backend, scoring_options(cfg)),
+            batch_size=cfg.scoring.batch_size,
+            batch_format="pyarrow",
+            udf_modifying_row_count=False,
+            **_scoring_resources(cfg),
+        )
+    return ds.map_batches(
+        WriteScores(str(scores_dir), str(rejects_dir)), batch_size=None, batch_format="pyarrow"
+    )
+
+
 def run_score(cfg: QTuneConfig, epoch: int = 0) -> ScoreSummary:
     """Score the configured corpus into ``scores/epoch_NNN`` (+ ``rejects/epoch_NNN``)."""
     import ray
@@ -151,56 +200,30 @@ def run_score(cfg: QTuneConfig, epoch: int = 0) -> ScoreSummary:
     staged_scores, staged_rejects = staging / "scores", staging / "rejects"
     staged_scores.mkdir()
     staged_rejects.mkdir()
-
     we_started_ray = _init_ray(cfg)
     try:
-        context = ray.data.DataContext.get_current()
-        context.enable_progress_bars = sys.stderr.isatty()
-        chat_template = resolve_chat_template(cfg.model.chat_template)
-        model_path = str(Path(cfg.model.path).absolute())
-        items = [
-            {"path": str(Path(s.path).absolute()), "kind": s.kind, "format": f} for s, f in sources
-        ]
-        ds = ray.data.from_items(items, override_num_blocks=len(items))
-        ds = ds.map_batches(
-            ingest.ReadSources(cfg.input.batch_rows, cfg.input.split),
-            batch_size=1,
-            batch_format="pyarrow",
+        if cfg.scoring.backend == "vllm":
+            on_cpu = not ray.cluster_resources().get("GPU", 0)
+            check_vllm_can_serve(str(Path(cfg.model.path).absolute()), on_cpu)
+        ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+        ds = build_score_dataset(cfg, sources, staged_scores, staged_rejects)
+        stats = list(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
+        summary = summarise(
+            pa.concat_tables(stats) if stats else STATS_SCHEMA.empty_table(),
+            layout,
+            epoch,
+            len(sources),
         )
-        ds = ds.map_batches(
-            Tokenize(model_path, cfg.model.max_length, chat_template, cfg.model.overlength),
-            batch_size=cfg.input.batch_rows,
-            batch_format="pyarrow",
-            udf_modifying_row_count=False,
-        )
-        ds = ds.map_batches(
-            Score,
-            fn_constructor_args=(cfg.scoring.backend, scoring_options(cfg)),
-            batch_size=cfg.scoring.batch_size,
-            batch_format="pyarrow",
-            udf_modifying_row_count=False,
-            **_scoring_resources(cfg),
-        )
-        ds = ds.map_batches(
-            WriteScores(str(staged_scores), str(staged_rejects)),
-            batch_size=None,
-            batch_format="pyarrow",
-        )
-        stats = [b for b in ds.iter_batches(batch_size=None, batch_format="pyarrow")]
+        if summary.rows == 0:
+            raise PipelineError(f"input {cfg.input.path!r} has no rows")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     finally:
         if we_started_ray:
             ray.shutdown()
-
-    summary = summarise(
-        pa.concat_tables(stats) if stats else STATS_SCHEMA.empty_table(),
-        layout,
-        epoch,
-        len(sources),
-    )
     summary.seconds = time.perf_counter() - started
     summary.backend = cfg.scoring.backend
-    if summary.rows == 0:
-        raise PipelineError(f"input {cfg.input.path!r} has no rows")
     (staged_scores / "_summary.json").write_text(summary.to_json())
     (staged_scores / "_config.json").write_text(cfg.to_json())
     publish_dir(staged_scores, layout.scores_dir(epoch))

@@ -271,7 +271,7 @@ class Tokenize:
             truncated_out.append(truncated)
             n_truncated += truncated
         if n_truncated:
-            logger.info(
+            logger.debug(
                 "tokenize: truncated %d sample(s) to max_length %d", n_truncated, self.max_length
             )
         lengths = np.array([0 if a is None else len(a) for a in ids_out], dtype=np.int32)

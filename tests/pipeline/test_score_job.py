@@ -141,3 +141,9 @@ def test_cli_score_with_torch_backend_and_config_errors(corpus, llama_dir, tmp_p
         app, ["score", str(config), "--set", f"input.path={tmp_path}/none*.jsonl"]
     )
     assert result.exit_code == 1 and "matches no file" in result.output
+    (tmp_path / "empty.jsonl").write_text("")
+    result = runner.invoke(
+        app, ["score", str(config), "--set", f"input.path={tmp_path}/empty.jsonl"]
+    )
+    assert result.exit_code == 1 and "has no rows" in result.output
+    assert not any((tmp_path / "out" / ".staging").iterdir())  # a failed run leaves no staging

@@ -29,7 +29,8 @@ class TorchBackend:
         if options.num_threads and self.device.type == "cpu":
             torch.set_num_threads(options.num_threads)
         if options.dtype == "auto":
-            dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+            # Same rule as the vllm backend: float32 on CPU, the checkpoint's own dtype on GPU.
+            dtype = "auto" if self.device.type == "cuda" else torch.float32
         else:
             dtype = _DTYPES[options.dtype]
         try:
