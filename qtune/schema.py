@@ -20,6 +20,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 
+class DropReason(StrEnum):
+    """Why triage left a scored sample out of a version (listed in the dropped index)."""
+
+    OUTSIDE_CORNERS = "outside_corners"  # qtuning: not in Q2(a) u Q4(a), not among the fills
+    BELOW_BUDGET = "below_budget"  # baseline policies: not among the top K
+
+
 class RejectReason(StrEnum):
     """Why an input row could not be used. Values are stable codes (reports, tests, manifests)."""
 
@@ -63,6 +70,16 @@ ENTROPY = "entropy"  # mean token entropy over response positions: sample uncert
 
 REASON = "reason"
 DETAIL = "detail"
+
+# Trainer-facing shard columns (DESIGN section 6).
+ATTENTION_MASK = "attention_mask"
+LABELS = "labels"  # -100 where no loss; same length as input_ids, not shifted
+QUADRANT = "quadrant"  # plane label: Q1..Q4 (median split within the triage scope)
+FILLED = "filled"  # kept by the fill-up rather than a corner set
+TOKEN_PRUNED = "token_pruned"
+NUM_LOSS_TOKENS = "num_loss_tokens"
+LENGTH = "length"
+IGNORE_INDEX = -100
 
 MESSAGE_TYPE = pa.struct([("role", pa.string()), ("content", pa.string())])
 
@@ -119,6 +136,39 @@ REJECTS_SCHEMA = pa.schema(
         pa.field(REASON, pa.string()),
         pa.field(DETAIL, pa.string()),
         pa.field(RAW, pa.string()),
+    ]
+)
+
+
+# One row per kept sample: <out>/data/epoch_NNN/train/part-*.parquet.
+SHARD_SCHEMA = pa.schema(
+    [
+        pa.field(SAMPLE_ID, pa.string()),
+        pa.field(INPUT_IDS, pa.list_(pa.int32())),
+        pa.field(ATTENTION_MASK, pa.list_(pa.int8())),
+        pa.field(LABELS, pa.list_(pa.int32())),
+        pa.field(LOSS_MASK, pa.list_(pa.int8())),
+        pa.field(QUADRANT, pa.string()),
+        pa.field(FILLED, pa.bool_()),
+        pa.field(TOKEN_PRUNED, pa.bool_()),
+        pa.field(PPL, pa.float32()),
+        pa.field(ENTROPY, pa.float32()),
+        pa.field(NUM_LOSS_TOKENS, pa.int32()),
+        pa.field(LENGTH, pa.int32()),
+        pa.field(SOURCE, pa.string()),
+    ]
+)
+
+# One row per scored sample that triage left out: <out>/data/epoch_NNN/dropped.parquet.
+DROPPED_SCHEMA = pa.schema(
+    [
+        pa.field(SAMPLE_ID, pa.string()),
+        pa.field(QUADRANT, pa.string()),
+        pa.field(PPL, pa.float64()),
+        pa.field(ENTROPY, pa.float64()),
+        pa.field(REASON, pa.string()),
+        pa.field(SOURCE, pa.string()),
+        pa.field(ROW_INDEX, pa.int64()),
     ]
 )
 

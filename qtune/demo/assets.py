@@ -24,7 +24,10 @@ DEMO_RECIPE = {
     "train_seed": 1,
     "vocab_size": 1024,
     "arch": "llama",
-    "train_seconds": 120.0,
+    # Step-bounded so the model (and every figure measured on it) is the same on any machine;
+    # the time cap only guards against a pathologically slow one.
+    "train_steps": 1500,
+    "train_seconds": 600.0,
 }
 STAMP = "_qtune_demo.json"
 
@@ -69,9 +72,16 @@ def prepare_demo_model(model_dir: Path, recipe: dict = DEMO_RECIPE) -> Path:
         pad_token_id=tokenizer.pad_token_id,
     )
     model = AutoModelForCausalLM.from_config(config)
-    logger.info("training the demo model (about %.0f s on CPU)", recipe["train_seconds"])
+    logger.info(
+        "training the demo model: %d steps (about two minutes on CPU)", recipe["train_steps"]
+    )
     stats = train_tiny_model(
-        model, tokenizer, conversations, max_seconds=recipe["train_seconds"], seed=0
+        model,
+        tokenizer,
+        conversations,
+        max_steps=recipe["train_steps"],
+        max_seconds=recipe["train_seconds"],
+        seed=0,
     )
     staging = model_dir.with_name(f".{model_dir.name}.tmp")
     shutil.rmtree(staging, ignore_errors=True)

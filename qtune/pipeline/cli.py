@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 from rich.console import Console
@@ -16,14 +17,17 @@ from qtune.pipeline.config import ConfigError, QTuneConfig, load_config
 
 if TYPE_CHECKING:
     from qtune.pipeline.score_job import ScoreSummary
+    from qtune.pipeline.triage_job import TriageSummary
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="Q-Tuning data curation for SFT: score, triage on the Error-Uncertainty plane, publish.",
 )
-console = Console(stderr=False)
-err_console = Console(stderr=True)
+# Logs and CI capture are not terminals: use a width that keeps the summary tables on one line.
+console = Console(width=None if sys.stdout.isatty() else 120)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
+T = TypeVar("T")
 
 ConfigArg = Annotated[Path, typer.Argument(help="YAML config file.")]
 SetOpt = Annotated[
@@ -46,31 +50,12 @@ def _load(config: Path | None, overrides: list[str] | None) -> QTuneConfig:
     try:
         return load_config(config, overrides or [])
     except ConfigError as e:
-        err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+        raise _fail(str(e), code=2) from None
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
     err_console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
-
-
-def _run_score(cfg: QTuneConfig) -> None:
-    from qtune.pipeline.score_job import PipelineError, run_score
-    from qtune.stages.ingest import InputError
-    from qtune.stages.score import ScoringSetupError
-    from qtune.stages.tokenize import TokenizerSetupError
-
-    try:
-        summary = run_score(cfg)
-    except (PipelineError, InputError, ScoringSetupError, TokenizerSetupError) as e:
-        raise _fail(str(e)) from None
-    except Exception as e:
-        cause = _root_cause(e)
-        if isinstance(cause, InputError | ScoringSetupError | TokenizerSetupError):
-            raise _fail(str(cause)) from None
-        raise
-    print_score_summary(summary)
 
 
 def _root_cause(error: BaseException) -> BaseException:
@@ -81,26 +66,54 @@ def _root_cause(error: BaseException) -> BaseException:
     return seen
 
 
-def print_score_summary(summary: ScoreSummary) -> None:
-    table = Table(title="qtune score", show_header=False, title_justify="left")
+def _guard(job: Callable[[], T]) -> T:
+    """Run a job; known failures become one clear line and a non-zero exit, not a traceback."""
+    from qtune.pipeline.score_job import PipelineError
+    from qtune.stages.ingest import InputError
+    from qtune.stages.score import ScoringSetupError
+    from qtune.stages.tokenize import TokenizerSetupError
+
+    expected = (PipelineError, InputError, ScoringSetupError, TokenizerSetupError)
+    try:
+        return job()
+    except expected as e:
+        raise _fail(str(e)) from None
+    except Exception as e:
+        cause = _root_cause(e)
+        if isinstance(cause, expected):
+            raise _fail(str(cause)) from None
+        raise
+
+
+def _table(title: str, rows: list[tuple[str, str]]) -> Table:
+    table = Table(title=title, show_header=False, title_justify="left")
     table.add_column("what")
     table.add_column("value", justify="right")
-    ppl = math.exp(summary.mean_nll) if summary.scored else float("nan")
-    for name, value in [
-        ("input rows", f"{summary.rows:,}"),
-        ("scored samples", f"{summary.scored:,}"),
-        ("rejected rows", f"{summary.rejected:,}"),
-        ("truncated samples", f"{summary.truncated:,}"),
-        ("tokens scored", f"{summary.tokens:,}"),
-        ("response tokens", f"{summary.response_tokens:,}"),
-        ("wall time", f"{summary.seconds:,.1f} s"),
-        ("tokens/s (end to end)", f"{summary.tokens_per_second:,.0f}"),
-        ("mean sample PPL (geometric)", f"{ppl:.3f}"),
-        ("mean sample entropy (nats)", f"{summary.mean_entropy:.3f}"),
-        ("backend", summary.backend),
-    ]:
+    for name, value in rows:
         table.add_row(name, value)
-    console.print(table)
+    return table
+
+
+def print_score_summary(summary: ScoreSummary) -> None:
+    ppl = math.exp(summary.mean_nll) if summary.scored else float("nan")
+    console.print(
+        _table(
+            "qtune score",
+            [
+                ("input rows", f"{summary.rows:,}"),
+                ("scored samples", f"{summary.scored:,}"),
+                ("rejected rows", f"{summary.rejected:,}"),
+                ("truncated samples", f"{summary.truncated:,}"),
+                ("tokens scored", f"{summary.tokens:,}"),
+                ("response tokens", f"{summary.response_tokens:,}"),
+                ("wall time", f"{summary.seconds:,.1f} s"),
+                ("tokens/s (end to end)", f"{summary.tokens_per_second:,.0f}"),
+                ("mean sample PPL (geometric)", f"{ppl:.3f}"),
+                ("mean sample entropy (nats)", f"{summary.mean_entropy:.3f}"),
+                ("backend", summary.backend),
+            ],
+        )
+    )
     if summary.reasons:
         reasons = Table(title="rejects by reason", title_justify="left")
         reasons.add_column("reason")
@@ -112,11 +125,114 @@ def print_score_summary(summary: ScoreSummary) -> None:
     console.print(f"rejects:      {summary.rejects_dir}")
 
 
+def print_triage_summary(summary: TriageSummary) -> None:
+    quadrants = Table(title=f"EU plane, epoch {summary.epoch:03d}", title_justify="left")
+    for column in (
+        "",
+        "samples",
+        "share",
+        "kept",
+        "filled",
+        "mean PPL",
+        "mean entropy",
+        "loss tokens",
+        "kept loss tokens",
+    ):
+        quadrants.add_column(column, justify="left" if not column else "right")
+    for name, q in summary.quadrants.items():
+        quadrants.add_row(
+            f"{name} {q['name']}",
+            f"{q['samples']:,}",
+            f"{q['share']:.0%}",
+            f"{q['kept']:,}",
+            f"{q['filled']:,}",
+            "-" if q["mean_ppl"] is None else f"{q['mean_ppl']:.4g}",
+            "-" if q["mean_entropy"] is None else f"{q['mean_entropy']:.4g}",
+            f"{q['response_tokens']:,}",
+            f"{q['kept_loss_tokens']:,}",
+        )
+    console.print(quadrants)
+    t = summary.thresholds
+    if "a" in t:
+        console.print(
+            f"thresholds (a = {t['a']:.4f}): Q2 = PPL > {t['ppl_high']:.4g} and entropy <= "
+            f"{t['entropy_low']:.4g}; Q4 = PPL <= {t['ppl_low']:.4g} and entropy > "
+            f"{t['entropy_high']:.4g}; medians PPL {t['ppl_median']:.4g}, entropy "
+            f"{t['entropy_median']:.4g}",
+            highlight=False,
+        )
+    elif "a_mean" in t:
+        console.print(
+            f"thresholds: {t['batches']:,} pseudo mini-batches, mean a = {t['a_mean']:.4f}"
+        )
+    share = summary.kept_loss_tokens / summary.response_tokens if summary.response_tokens else 0
+    console.print(
+        _table(
+            f"qtune triage ({summary.policy})",
+            [
+                ("input rows", f"{summary.input_rows:,}"),
+                ("kept samples", f"{summary.kept:,} ({summary.kept / summary.scored:.1%})"),
+                ("dropped samples", f"{summary.dropped:,}"),
+                ("rejected rows", f"{summary.rejected:,}"),
+                ("kept loss tokens", f"{summary.kept_loss_tokens:,} ({share:.1%} of all)"),
+                ("shards", f"{summary.files}"),
+                ("triage time", f"{summary.seconds:,.1f} s"),
+            ],
+        )
+    )
+    console.print(f"published: {summary.version_dir}")
+    console.print("load it with:")
+    console.print("  from datasets import load_dataset", highlight=False)
+    console.print(f'  train = load_dataset("{summary.output_dir}")["train"]', highlight=False)
+
+
 @app.command()
 def score(config: ConfigArg, set_: SetOpt = None, verbose: VerboseOpt = False) -> None:
     """Score the corpus: per-token log-prob and entropy into <output.dir>/scores/epoch_000."""
+    from qtune.pipeline.score_job import run_score
+
     _setup_logging(verbose)
-    _run_score(_load(config, set_))
+    cfg = _load(config, set_)
+    print_score_summary(_guard(lambda: run_score(cfg)))
+
+
+@app.command()
+def triage(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Publish into this directory instead of output.dir (for sweeps)."),
+    ] = None,
+    epoch: Annotated[
+        int | None, typer.Option(help="Scored epoch to triage (default: the newest).")
+    ] = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Re-triage an existing scored cache (new ratios or policy) without re-scoring."""
+    from qtune.pipeline.triage_job import run_triage
+
+    _setup_logging(verbose)
+    cfg = _load(config, set_)
+    logging.getLogger(__name__).info(
+        "re-using the scored cache in %s (no re-scoring)", Path(cfg.output.dir) / "scores"
+    )
+    print_triage_summary(_guard(lambda: run_triage(cfg, epoch=epoch, out_dir=out)))
+
+
+def _run(cfg: QTuneConfig) -> None:
+    from qtune.pipeline.score_job import run_score
+    from qtune.pipeline.triage_job import run_triage
+
+    print_score_summary(_guard(lambda: run_score(cfg)))
+    print_triage_summary(_guard(lambda: run_triage(cfg)))
+
+
+@app.command()
+def run(config: ConfigArg, set_: SetOpt = None, verbose: VerboseOpt = False) -> None:
+    """Score the corpus, then triage, prune tokens and publish epoch_000."""
+    _setup_logging(verbose)
+    _run(_load(config, set_))
 
 
 @app.command()
@@ -130,14 +246,10 @@ def demo(
 
     _setup_logging(verbose)
     cfg = _load(config, set_)
-    prepare_demo(corpus_dir=Path(_single_path(cfg.input.path)), model_dir=Path(cfg.model.path))
-    _run_score(cfg)
-
-
-def _single_path(path: str | list[str]) -> str:
-    if isinstance(path, list):
+    if isinstance(cfg.input.path, list):
         raise _fail("the demo config must name one input directory")
-    return path
+    prepare_demo(corpus_dir=Path(cfg.input.path), model_dir=Path(cfg.model.path))
+    _run(cfg)
 
 
 def main() -> None:

@@ -99,8 +99,56 @@ class ScoringConfig(_Section):
         return value
 
 
+class QTuningConfig(_Section):
+    policy: str = Field(
+        "qtuning",
+        description="Sample policy: `qtuning` (EU-plane corners) or a baseline for ablations: "
+        "`random`, `ppl`, `entropy`, `longest`, `shortest`.",
+    )
+    token_policy: Literal["qtuning", "random", "none"] = Field(
+        "qtuning",
+        description="Token pruning inside pruned samples: `qtuning` (lowest neighbour-smoothed "
+        "PPL kept), `random` (seeded), `none` (keep every response token).",
+    )
+    sample_ratio: float = Field(
+        0.25, gt=0, le=1, description="r_s: share of samples kept (K = floor(r_s * |S|), >= 1)."
+    )
+    token_ratio: float = Field(
+        0.5, gt=0, le=1, description="r_t: share of response tokens kept in pruned samples."
+    )
+    lam: float = Field(
+        0.5, ge=0, le=1, description="lambda: weight of the two neighbours in the token score."
+    )
+    scope: Literal["global", "batch"] = Field(
+        "global",
+        description="Where quantiles are taken: the whole epoch (`global`) or seeded pseudo "
+        "mini-batches of `batch_size` (`batch`, as in the paper).",
+    )
+    batch_size: int = Field(8, ge=1, description="Pseudo mini-batch size for scope `batch`.")
+    seed: int = Field(0, description="Seed for batch shuffling and the random policies.")
+    normalize: Literal["minmax", "rank"] = Field(
+        "minmax", description="Normalisation of PPL and entropy for the fill-up support score."
+    )
+
+    @field_validator("policy")
+    @classmethod
+    def _known_policy(cls, value: str) -> str:
+        from qtune.stages.triage import POLICIES
+
+        if value not in POLICIES:
+            raise ValueError(f"unknown policy {value!r}; valid: {', '.join(sorted(POLICIES))}")
+        return value
+
+
 class OutputConfig(_Section):
     dir: str = Field(description="Output directory (scores, rejects, data versions).")
+    num_shards: int = Field(
+        8,
+        ge=1,
+        description="Parquet files per version (use a multiple of GPUs x dataloader workers); "
+        "fewer when there are fewer kept samples than shards.",
+    )
+    row_group_rows: int = Field(1024, ge=1, description="Rows per Parquet row group in the shards.")
 
 
 class RayConfig(_Section):
@@ -117,6 +165,7 @@ class QTuneConfig(_Section):
     input: InputConfig
     model: ModelConfig
     scoring: ScoringConfig = Field(default_factory=ScoringConfig)
+    qtuning: QTuningConfig = Field(default_factory=QTuningConfig)
     output: OutputConfig
     ray: RayConfig = Field(default_factory=RayConfig)
 

@@ -8,6 +8,9 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+SCORE_SUMMARY = "_summary.json"  # written into a scored cache last; marks it complete
+SCORE_CONFIG = "_config.json"
+
 
 def epoch_name(epoch: int) -> str:
     return f"epoch_{epoch:03d}"
@@ -29,13 +32,32 @@ class OutputLayout:
     def data_dir(self, epoch: int) -> Path:
         return self.root / "data" / epoch_name(epoch)
 
+    def scored_epochs(self) -> list[int]:
+        """Epochs with a complete scored cache (its summary is written before publication)."""
+        root = self.root / "scores"
+        if not root.is_dir():
+            return []
+        return sorted(
+            int(p.name.removeprefix("epoch_"))
+            for p in root.glob("epoch_*")
+            if p.name.removeprefix("epoch_").isdigit() and (p / SCORE_SUMMARY).is_file()
+        )
+
     def score_summary(self, epoch: int) -> Path:
-        return self.scores_dir(epoch) / "_summary.json"
+        return self.scores_dir(epoch) / SCORE_SUMMARY
 
     @property
     def staging_root(self) -> Path:
         # Outside data/ and scores/ so no glob over published files ever sees partial output.
         return self.root / ".staging"
+
+    def remove_staging_dir(self, path: Path) -> None:
+        """Remove a finished or failed staging directory (and the staging root once empty)."""
+        shutil.rmtree(path, ignore_errors=True)
+        try:
+            self.staging_root.rmdir()
+        except OSError:
+            pass  # another run is staging, or already gone
 
     def new_staging_dir(self, label: str) -> Path:
         path = self.staging_root / f"{label}-{uuid.uuid4().hex[:12]}"

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import sys
 import time
 import warnings
@@ -22,7 +21,8 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 
 from qtune.pipeline.config import QTuneConfig
-from qtune.pipeline.layout import OutputLayout, publish_dir
+from qtune.pipeline.layout import SCORE_CONFIG, SCORE_SUMMARY, OutputLayout, publish_dir
+from qtune.pipeline.publish import model_fingerprint
 from qtune.stages import ingest
 from qtune.stages.score import ScoringOptions
 from qtune.stages.score.stage import Score
@@ -34,6 +34,10 @@ if TYPE_CHECKING:
     import ray.data
 
 logger = logging.getLogger(__name__)
+
+
+# Rows per scored-cache part: few enough files for a million samples, small enough to stream.
+WRITE_BATCH_ROWS = 4096
 
 
 class PipelineError(RuntimeError):
@@ -58,6 +62,7 @@ class ScoreSummary:
     reasons: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     backend: str = ""
+    model_fingerprint: str = ""
 
     @property
     def tokens_per_second(self) -> float:
@@ -184,7 +189,9 @@ def build_score_dataset(
             **_scoring_resources(cfg),
         )
     return ds.map_batches(
-        WriteScores(str(scores_dir), str(rejects_dir)), batch_size=None, batch_format="pyarrow"
+        WriteScores(str(scores_dir), str(rejects_dir)),
+        batch_size=WRITE_BATCH_ROWS,
+        batch_format="pyarrow",
     )
 
 
@@ -217,18 +224,19 @@ def run_score(cfg: QTuneConfig, epoch: int = 0) -> ScoreSummary:
         if summary.rows == 0:
             raise PipelineError(f"input {cfg.input.path!r} has no rows")
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        layout.remove_staging_dir(staging)
         raise
     finally:
         if we_started_ray:
             ray.shutdown()
     summary.seconds = time.perf_counter() - started
     summary.backend = cfg.scoring.backend
-    (staged_scores / "_summary.json").write_text(summary.to_json())
-    (staged_scores / "_config.json").write_text(cfg.to_json())
+    summary.model_fingerprint = model_fingerprint(cfg.model.path)
+    (staged_scores / SCORE_CONFIG).write_text(cfg.to_json())
+    (staged_scores / SCORE_SUMMARY).write_text(summary.to_json())
     publish_dir(staged_scores, layout.scores_dir(epoch))
     publish_dir(staged_rejects, layout.rejects_dir(epoch))
-    staging.rmdir()
+    layout.remove_staging_dir(staging)
     return summary
 
 

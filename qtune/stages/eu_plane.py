@@ -10,6 +10,13 @@ from __future__ import annotations
 import numpy as np
 
 MAX_TOKEN_NLL = 50.0
+# floor(r * n) for ratios given in decimal (0.29 * 100 = 28.999...): absorb the float error.
+_FLOOR_EPS = 1e-9
+
+
+def keep_count(ratio: float, n: np.ndarray | int) -> np.ndarray:
+    """max(1, floor(ratio * n)): the K of sample triage and the token budget of pruning."""
+    return np.maximum(1, np.floor(ratio * np.asarray(n) + _FLOOR_EPS).astype(np.int64))
 
 
 def sample_error_uncertainty(

@@ -10,7 +10,7 @@ def test_demo_assets_build_once_and_reuse(tmp_path):
         **DEMO_RECIPE,
         "n_samples": 40,
         "train_conversations": 64,
-        "train_seconds": 2.0,
+        "train_steps": 20,
         "vocab_size": 300,
     }
     corpus = prepare_demo_corpus(tmp_path / "corpus", recipe)

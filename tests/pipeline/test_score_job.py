@@ -117,7 +117,7 @@ def test_vllm_pipeline_scores_good_rows_and_lists_every_bad_one(corpus, llama_di
         assert row[schema.NLL] == pytest.approx(-ref[mask, 0].mean(), abs=1e-4)
         assert row[schema.N_RESPONSE_TOKENS] == mask.sum()
     # Published atomically: nothing left in staging; the summary travels with the cache.
-    assert not any((tmp_path / "out" / ".staging").iterdir())
+    assert not (tmp_path / "out" / ".staging").exists()
     assert json.loads((Path(summary.scores_dir) / "_summary.json").read_text())["rows"] == 53
 
 
@@ -146,4 +146,4 @@ def test_cli_score_with_torch_backend_and_config_errors(corpus, llama_dir, tmp_p
         app, ["score", str(config), "--set", f"input.path={tmp_path}/empty.jsonl"]
     )
     assert result.exit_code == 1 and "has no rows" in result.output
-    assert not any((tmp_path / "out" / ".staging").iterdir())  # a failed run leaves no staging
+    assert not (tmp_path / "out" / ".staging").exists()  # a failed run leaves no staging

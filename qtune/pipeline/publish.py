@@ -1,0 +1,131 @@
+"""Publication of a version: manifest, dataset card with `configs:`, LATEST; and fingerprints.
+
+A version is staged outside ``data/`` (``<out>/.staging``), its ``manifest.json`` written last,
+then the directory is moved into ``data/epoch_NNN`` in one rename. ``README.md`` (the YAML
+``configs:`` that ``datasets.load_dataset`` reads, one config per epoch, newest ``default``) and
+``LATEST`` are then each replaced atomically (write a temporary file, ``os.replace``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from qtune.pipeline.layout import OutputLayout, epoch_name, publish_dir
+
+MANIFEST = "manifest.json"
+_EPOCH_DIR = re.compile(r"^epoch_(\d{3,})$")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def model_fingerprint(model_path: str | Path) -> str:
+    """Content fingerprint of a model directory, cheap enough for multi-GB checkpoints.
+
+    sha256 over config and tokenizer files in full, and for each weight file its name, size and
+    the first and last MiB (a changed checkpoint changes its tensors' bytes at both ends).
+    """
+    root = Path(model_path)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.iterdir() if p.is_file()):
+        if path.name.startswith((".", "_")):
+            continue
+        digest.update(path.name.encode())
+        if path.suffix in {".safetensors", ".bin", ".pt", ".gguf"}:
+            size = path.stat().st_size
+            digest.update(str(size).encode())
+            with open(path, "rb") as f:
+                digest.update(f.read(1 << 20))
+                f.seek(max(0, size - (1 << 20)))
+                digest.update(f.read(1 << 20))
+        elif path.suffix in {".json", ".jinja", ".model", ".txt"}:
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def published_epochs(layout: OutputLayout) -> list[int]:
+    """Epochs under data/ that have a manifest (complete versions), ascending."""
+    data = layout.root / "data"
+    if not data.is_dir():
+        return []
+    epochs = []
+    for child in data.iterdir():
+        match = _EPOCH_DIR.match(child.name)
+        if match and (child / MANIFEST).is_file():
+            epochs.append(int(match.group(1)))
+    return sorted(epochs)
+
+
+def latest_epoch(layout: OutputLayout) -> int | None:
+    latest = layout.root / "LATEST"
+    if latest.is_file():
+        match = _EPOCH_DIR.match(latest.read_text().strip())
+        if match:
+            return int(match.group(1))
+    epochs = published_epochs(layout)
+    return epochs[-1] if epochs else None
+
+
+def read_manifest(layout: OutputLayout, epoch: int) -> dict[str, Any]:
+    return json.loads((layout.data_dir(epoch) / MANIFEST).read_text())
+
+
+def dataset_card(layout: OutputLayout) -> str:
+    """README.md with the YAML ``configs:`` that datasets.load_dataset(<out>) reads."""
+    epochs = published_epochs(layout)
+    configs = []
+    for epoch in epochs:
+        # The publication stamp in the pattern keys datasets' cache to this exact publication.
+        stamp = read_manifest(layout, epoch).get("publication", "")
+        pattern = f"data/{epoch_name(epoch)}/train/part-*{'-' + stamp if stamp else ''}.parquet"
+        config: dict[str, Any] = {
+            "config_name": epoch_name(epoch),
+            "data_files": [{"split": "train", "path": pattern}],
+        }
+        if epoch == epochs[-1]:
+            config["default"] = True
+        configs.append(config)
+    front = yaml.safe_dump({"configs": configs}, sort_keys=False)
+    lines = ["---", front.rstrip(), "---", "", "# qtune curated SFT data", ""]
+    lines.append("Curated with qtune (Q-Tuning). Each config is one epoch's version; the newest is")
+    lines.append("the default. Load with:")
+    lines += ["", "```python", "from datasets import load_dataset", ""]
+    lines.append(f'train = load_dataset("{layout.root}")["train"]  # newest epoch')
+    if epochs:
+        lines.append(
+            f'train = load_dataset("{layout.root}", name="{epoch_name(epochs[-1])}")["train"]'
+        )
+    lines += ["```", "", "| version | kept | dropped | rejected | kept loss tokens |"]
+    lines.append("|---|---|---|---|---|")
+    for epoch in epochs:
+        counts = read_manifest(layout, epoch)["counts"]
+        lines.append(
+            f"| {epoch_name(epoch)} | {counts['kept']:,} | {counts['dropped']:,} | "
+            f"{counts['rejected']:,} | {counts['kept_loss_tokens']:,} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def publish_version(layout: OutputLayout, epoch: int, staged: Path, manifest: dict) -> Path:
+    """Write the manifest last, move the version into place, then card and LATEST."""
+    write_atomic(staged / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
+    target = layout.data_dir(epoch)
+    publish_dir(staged, target)
+    write_atomic(layout.root / "README.md", dataset_card(layout))
+    newest = published_epochs(layout)[-1]
+    write_atomic(layout.root / "LATEST", epoch_name(newest) + "\n")
+    return target

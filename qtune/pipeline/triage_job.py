@@ -1,0 +1,306 @@
+"""The triage job: scored cache -> decisions -> token masks -> a published version.
+
+Reads only the sample-level columns of the scored cache to triage (two floats per sample), then
+streams the cache once, batch by batch, to prune tokens of the kept samples and write shards.
+Runs in one process without Ray: the work is vectorised and I/O-bound, and changing ratios or
+policy never re-scores, so a sweep over ratios reuses one scored cache.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from qtune import schema
+from qtune.pipeline.config import QTuneConfig
+from qtune.pipeline.layout import OutputLayout, epoch_name
+from qtune.pipeline.publish import publish_version, sha256_text
+from qtune.pipeline.score_job import PipelineError
+from qtune.schema import DropReason
+from qtune.stages.shards import ShardWriter, build_shard_rows, file_sha256, stamp_files
+from qtune.stages.token_prune import prune_loss_mask
+from qtune.stages.triage import QUADRANT_NAMES, QUADRANTS, Decisions, triage
+
+logger = logging.getLogger(__name__)
+
+STAT_COLUMNS = [
+    schema.SAMPLE_ID,
+    schema.SOURCE,
+    schema.ROW_INDEX,
+    schema.PPL,
+    schema.ENTROPY,
+    schema.N_TOKENS,
+    schema.N_RESPONSE_TOKENS,
+]
+SHARD_INPUT_COLUMNS = [
+    schema.SAMPLE_ID,
+    schema.SOURCE,
+    schema.INPUT_IDS,
+    schema.LOSS_MASK,
+    schema.TOKEN_LOGPROB,
+    schema.PPL,
+    schema.ENTROPY,
+]
+READ_BATCH_ROWS = 4096
+
+
+@dataclass
+class TriageSummary:
+    version_dir: str
+    output_dir: str
+    epoch: int
+    policy: str
+    input_rows: int
+    scored: int
+    kept: int
+    dropped: int
+    rejected: int
+    response_tokens: int
+    kept_loss_tokens: int
+    quadrants: dict = field(default_factory=dict)
+    thresholds: dict = field(default_factory=dict)
+    files: int = 0
+    seconds: float = 0.0
+    timings: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _count_rows(directory: Path) -> int:
+    if not directory.is_dir():
+        return 0
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in directory.glob("*.parquet"))
+
+
+def _quadrant_table(stats: pa.Table, decisions: Decisions, kept_loss: np.ndarray) -> dict:
+    ppl = stats.column(schema.PPL).to_numpy()
+    entropy = stats.column(schema.ENTROPY).to_numpy()
+    response = stats.column(schema.N_RESPONSE_TOKENS).to_numpy().astype(np.int64)
+    table = {}
+    for quadrant in QUADRANTS:
+        rows = decisions.quadrant == quadrant
+        n = int(rows.sum())
+        table[str(quadrant)] = {
+            "name": QUADRANT_NAMES[str(quadrant)],
+            "samples": n,
+            "share": n / len(ppl),
+            "kept": int((rows & decisions.kept).sum()),
+            "filled": int((rows & decisions.filled).sum()),
+            "token_pruned": int((rows & decisions.token_pruned).sum()),
+            "mean_ppl": float(ppl[rows].mean()) if n else None,
+            "mean_entropy": float(entropy[rows].mean()) if n else None,
+            "response_tokens": int(response[rows].sum()),
+            "kept_loss_tokens": int(kept_loss[rows].sum()),
+        }
+    return table
+
+
+def _dropped_index(stats: pa.Table, decisions: Decisions, policy: str) -> pa.Table:
+    dropped = np.flatnonzero(~decisions.kept)
+    reason = DropReason.OUTSIDE_CORNERS if policy == "qtuning" else DropReason.BELOW_BUDGET
+    rows = stats.take(dropped)
+    return pa.table(
+        {
+            schema.SAMPLE_ID: rows.column(schema.SAMPLE_ID),
+            schema.QUADRANT: pa.array(decisions.quadrant[dropped], pa.string()),
+            schema.PPL: rows.column(schema.PPL),
+            schema.ENTROPY: rows.column(schema.ENTROPY),
+            schema.REASON: pa.array([reason.value] * len(dropped), pa.string()),
+            schema.SOURCE: rows.column(schema.SOURCE),
+            schema.ROW_INDEX: rows.column(schema.ROW_INDEX),
+        },
+        schema=schema.DROPPED_SCHEMA,
+    )
+
+
+def run_triage(
+    cfg: QTuneConfig, epoch: int | None = None, out_dir: str | Path | None = None
+) -> TriageSummary:
+    """Triage the scored cache of ``epoch`` (default: the newest) and publish ``data/epoch_NNN``
+    into ``out_dir`` (default: ``output.dir``)."""
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    source = OutputLayout(Path(cfg.output.dir))
+    if epoch is None:
+        scored = source.scored_epochs()
+        epoch = scored[-1] if scored else 0
+    target = OutputLayout(Path(out_dir) if out_dir else Path(cfg.output.dir))
+    scores_dir = source.scores_dir(epoch)
+    files = sorted(scores_dir.glob("*.parquet")) if scores_dir.is_dir() else []
+    if not files:
+        raise PipelineError(
+            f"no scored cache in {scores_dir}; run `qtune score` or `qtune run` first"
+        )
+    score_summary = json.loads(source.score_summary(epoch).read_text())
+    q = cfg.qtuning
+
+    stats = pa.concat_tables([pq.read_table(f, columns=STAT_COLUMNS) for f in files])
+    timings["read_stats_s"] = time.perf_counter() - started
+    tick = time.perf_counter()
+    decisions = triage(
+        q.policy,
+        stats.column(schema.PPL).to_numpy(),
+        stats.column(schema.ENTROPY).to_numpy(),
+        stats.column(schema.N_TOKENS).to_numpy(),
+        stats.column(schema.SAMPLE_ID),
+        sample_ratio=q.sample_ratio,
+        scope=q.scope,
+        batch_size=q.batch_size,
+        seed=q.seed,
+        normalize=q.normalize,
+    )
+    timings["triage_s"] = time.perf_counter() - tick
+    n_filled = int(decisions.filled.sum())
+    if n_filled > decisions.kept.sum() / 2:
+        logger.warning(
+            "the EU-plane corners held only %d of the %d samples to keep; %d were filled by the "
+            "support score |P - E| (PPL and entropy are strongly correlated here: a lower "
+            "qtuning.sample_ratio or normalize=rank keeps more corner samples)",
+            int(decisions.kept.sum()) - n_filled,
+            int(decisions.kept.sum()),
+            n_filled,
+        )
+    logger.info(
+        "triage (%s, %s scope): kept %d of %d samples; token pruning in %d",
+        q.policy,
+        q.scope,
+        decisions.kept.sum(),
+        len(decisions.kept),
+        decisions.token_pruned.sum(),
+    )
+
+    tick = time.perf_counter()
+    staging = target.new_staging_dir(f"triage-{epoch:03d}")
+    try:
+        n_kept = int(decisions.kept.sum())
+        writer = ShardWriter(
+            staging / "train", min(cfg.output.num_shards, n_kept), cfg.output.row_group_rows
+        )
+        token_pruned = decisions.token_pruned & (q.token_policy != "none")
+        kept_loss = np.zeros(len(decisions.kept), dtype=np.int64)
+        offset = 0
+        for path in files:
+            for record_batch in pq.ParquetFile(path).iter_batches(
+                batch_size=READ_BATCH_ROWS, columns=SHARD_INPUT_COLUMNS
+            ):
+                start = offset
+                offset += record_batch.num_rows
+                local = np.flatnonzero(decisions.kept[start:offset])
+                if not len(local):
+                    continue
+                index = start + local
+                batch = pa.Table.from_batches([record_batch]).take(local)
+                token_offsets, loss_mask = schema.list_offsets_and_values(
+                    batch.column(schema.LOSS_MASK)
+                )
+                _, logprob = schema.list_offsets_and_values(batch.column(schema.TOKEN_LOGPROB))
+                new_mask = prune_loss_mask(
+                    token_offsets,
+                    loss_mask,
+                    logprob,
+                    token_pruned[index],
+                    q.token_ratio,
+                    q.lam,
+                    q.token_policy,
+                    decisions.keys[index],
+                )
+                rows = build_shard_rows(
+                    batch,
+                    decisions.quadrant[index],
+                    decisions.filled[index],
+                    token_pruned[index],
+                    new_mask,
+                )
+                kept_loss[index] = rows.column(schema.NUM_LOSS_TOKENS).to_numpy()
+                writer.add(rows, decisions.keys[index])
+        if offset != len(decisions.kept):
+            raise PipelineError(f"{scores_dir} changed while it was being triaged")
+        shard_files = writer.close()
+        shard_hashes = [file_sha256(f.path) for f in shard_files]
+        publication = sha256_text(cfg.to_json() + "".join(shard_hashes))[:12]
+        shard_files = stamp_files(shard_files, publication)
+        dropped = _dropped_index(stats, decisions, q.policy)
+        pq.write_table(dropped, staging / "dropped.parquet", compression="zstd")
+        timings["prune_write_s"] = time.perf_counter() - tick
+
+        rejected = _count_rows(source.rejects_dir(epoch))
+        counts = {
+            "input_rows": int(score_summary["rows"]),
+            "scored": len(decisions.kept),
+            "kept": n_kept,
+            "dropped": int(dropped.num_rows),
+            "rejected": rejected,
+            "response_tokens": int(stats.column(schema.N_RESPONSE_TOKENS).to_numpy().sum()),
+            "kept_loss_tokens": int(kept_loss.sum()),
+        }
+        if counts["kept"] + counts["dropped"] + counts["rejected"] != counts["input_rows"]:
+            raise PipelineError(
+                f"row accounting does not add up: kept {counts['kept']} + dropped "
+                f"{counts['dropped']} + rejected {rejected} != input rows {counts['input_rows']}"
+            )
+        quadrants = _quadrant_table(stats, decisions, kept_loss)
+        timings["total_s"] = time.perf_counter() - started
+        manifest = {
+            "version": epoch_name(epoch),
+            "epoch": epoch,
+            "parent": epoch_name(epoch - 1) if epoch > 0 else None,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "publication": publication,
+            "files": [
+                {
+                    "path": str(f.path.relative_to(staging)),
+                    "rows": f.rows,
+                    "loss_tokens": f.loss_tokens,
+                    "bytes": f.path.stat().st_size,
+                    "sha256": digest,
+                }
+                for f, digest in zip(shard_files, shard_hashes, strict=True)
+            ],
+            "dropped_index": {
+                "path": "dropped.parquet",
+                "rows": int(dropped.num_rows),
+                "sha256": file_sha256(staging / "dropped.parquet"),
+            },
+            "counts": counts,
+            "quadrants": quadrants,
+            "thresholds": decisions.thresholds,
+            "qtuning": q.model_dump(mode="json"),
+            "config": json.loads(cfg.to_json()),
+            "config_fingerprint": sha256_text(cfg.to_json()),
+            "model": {
+                "path": str(Path(cfg.model.path).absolute()),
+                "fingerprint": score_summary.get("model_fingerprint"),
+            },
+            "scores": {"dir": str(scores_dir), "summary": score_summary},
+            "timings": timings,
+        }
+        version_dir = publish_version(target, epoch, staging, manifest)
+    finally:
+        target.remove_staging_dir(staging)
+    return TriageSummary(
+        version_dir=str(version_dir),
+        output_dir=str(target.root),
+        epoch=epoch,
+        policy=q.policy,
+        input_rows=counts["input_rows"],
+        scored=counts["scored"],
+        kept=counts["kept"],
+        dropped=counts["dropped"],
+        rejected=rejected,
+        response_tokens=counts["response_tokens"],
+        kept_loss_tokens=counts["kept_loss_tokens"],
+        quadrants=quadrants,
+        thresholds=decisions.thresholds,
+        files=len(shard_files),
+        seconds=time.perf_counter() - started,
+        timings=timings,
+    )
