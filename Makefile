@@ -17,7 +17,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 
-.PHONY: demo test lint venv bench clean
+.PHONY: demo demo-loop test lint venv bench clean
 
 venv: $(STAMP)
 
@@ -32,6 +32,9 @@ endif
 
 demo: $(STAMP)
 	$(BIN)/qtune demo --config configs/demo.yaml
+
+demo-loop: $(STAMP)
+	$(BIN)/qtune demo-loop --config configs/demo.yaml
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

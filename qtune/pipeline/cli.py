@@ -68,12 +68,21 @@ def _root_cause(error: BaseException) -> BaseException:
 
 def _guard(job: Callable[[], T]) -> T:
     """Run a job; known failures become one clear line and a non-zero exit, not a traceback."""
+    from qtune.pipeline.checkpoints import CheckpointError
     from qtune.pipeline.score_job import PipelineError
+    from qtune.pipeline.watch import WatchError
     from qtune.stages.ingest import InputError
     from qtune.stages.score import ScoringSetupError
     from qtune.stages.tokenize import TokenizerSetupError
 
-    expected = (PipelineError, InputError, ScoringSetupError, TokenizerSetupError)
+    expected = (
+        PipelineError,
+        InputError,
+        ScoringSetupError,
+        TokenizerSetupError,
+        CheckpointError,
+        WatchError,
+    )
     try:
         return job()
     except expected as e:
@@ -180,10 +189,32 @@ def print_triage_summary(summary: TriageSummary) -> None:
             ],
         )
     )
+    if summary.migration:
+        print_migration(summary.migration)
     console.print(f"published: {summary.version_dir}")
     console.print("load it with:")
     console.print("  from datasets import load_dataset", highlight=False)
     console.print(f'  train = load_dataset("{summary.output_dir}")["train"]', highlight=False)
+
+
+def print_migration(migration: dict) -> None:
+    table = Table(
+        title=f"quadrant migration since {migration['parent']} (rows: before, columns: now)",
+        title_justify="left",
+    )
+    table.add_column("")
+    quadrants = list(migration["matrix"])
+    for q in quadrants:
+        table.add_column(q, justify="right")
+    for q, row in migration["matrix"].items():
+        table.add_row(q, *(f"{row[r]:,}" for r in quadrants))
+    console.print(table)
+    console.print(
+        f"{migration['quadrant_changed']:,} of {migration['matched']:,} samples changed quadrant; "
+        f"{migration['kept_to_dropped']:,} kept -> dropped, "
+        f"{migration['dropped_to_kept']:,} dropped -> kept",
+        highlight=False,
+    )
 
 
 @app.command()
@@ -236,6 +267,77 @@ def run(config: ConfigArg, set_: SetOpt = None, verbose: VerboseOpt = False) -> 
 
 
 @app.command()
+def rescore(
+    config: ConfigArg,
+    model: Annotated[
+        Path,
+        typer.Option(
+            "--model", help="Checkpoint: model dir, Trainer checkpoint-* dir, or LoRA adapter."
+        ),
+    ],
+    epoch: Annotated[
+        int | None, typer.Option(help="Epoch to publish (default: the next one).")
+    ] = None,
+    set_: SetOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Re-score the corpus with a checkpoint, triage, and publish the next epoch's version."""
+    from qtune.pipeline.rescore_job import run_rescore
+
+    _setup_logging(verbose)
+    cfg = _load(config, set_)
+    score_summary, triage_summary = _guard(lambda: run_rescore(cfg, model, epoch))
+    print_score_summary(score_summary)
+    print_triage_summary(triage_summary)
+
+
+@app.command()
+def watch(
+    config: ConfigArg,
+    checkpoints: Annotated[
+        Path, typer.Option(help="A training run's output dir with checkpoint-<step> dirs.")
+    ],
+    poll: Annotated[float, typer.Option(help="Seconds between scans.")] = 30.0,
+    state: Annotated[
+        Path | None, typer.Option(help="State file (default: <output.dir>/.watch/state.json).")
+    ] = None,
+    set_: SetOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Re-score each new complete checkpoint of a training run, in order, once each."""
+    from qtune.pipeline.rescore_job import checkpoint_fingerprint, published_epoch_of, run_rescore
+    from qtune.pipeline.score_job import _init_ray
+    from qtune.pipeline.watch import default_state_file, watch_main
+
+    _setup_logging(verbose)
+    cfg = _load(config, set_)
+
+    def rescore_checkpoint(checkpoint: Path) -> int:
+        score_summary, triage_summary = run_rescore(cfg, checkpoint)
+        print_score_summary(score_summary)
+        print_triage_summary(triage_summary)
+        return triage_summary.epoch
+
+    def already_published(checkpoint: Path) -> int | None:
+        return published_epoch_of(cfg, checkpoint_fingerprint(cfg, checkpoint))
+
+    # Connect to Ray once, before the watcher installs its signal handlers: ray.init replaces
+    # the process's SIGTERM handler, and re-connecting per checkpoint would cost seconds each.
+    _init_ray(cfg)
+    code = _guard(
+        lambda: watch_main(
+            checkpoints,
+            state or default_state_file(cfg.output.dir),
+            rescore_checkpoint,
+            already_published=already_published,
+            fingerprint=lambda checkpoint: checkpoint_fingerprint(cfg, checkpoint),
+            poll_seconds=poll,
+        )
+    )
+    raise typer.Exit(code)
+
+
+@app.command()
 def demo(
     config: Annotated[Path, typer.Option(help="Demo config.")] = Path("configs/demo.yaml"),
     set_: SetOpt = None,
@@ -250,6 +352,58 @@ def demo(
         raise _fail("the demo config must name one input directory")
     prepare_demo(corpus_dir=Path(cfg.input.path), model_dir=Path(cfg.model.path))
     _run(cfg)
+
+
+@app.command("demo-loop")
+def demo_loop(
+    config: Annotated[Path, typer.Option(help="Demo config.")] = Path("configs/demo.yaml"),
+    out: Annotated[Path, typer.Option(help="Where the three arms publish.")] = Path(
+        "out/demo-loop"
+    ),
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs per arm.")] = 3,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Train the demo model for N epochs on qtune's shards, re-scoring between epochs; compare
+    with full data and random selection at the same budget on a held-out clean split."""
+    from qtune.demo.loop import run_demo_loop
+
+    _setup_logging(verbose)
+    results = _guard(lambda: run_demo_loop(config, out, epochs))
+    for result in results:
+        table = Table(title=f"arm: {result.arm}", title_justify="left")
+        for column in (
+            "epoch",
+            "version",
+            "kept samples",
+            "kept loss tokens",
+            "changed quadrant",
+            "kept → dropped",
+            "dropped → kept",
+            "train loss",
+            "held-out loss",
+        ):
+            table.add_column(column, justify="right")
+        for e in result.epochs:
+            table.add_row(
+                str(e.epoch),
+                e.version,
+                f"{e.kept_samples:,}",
+                f"{e.kept_loss_tokens:,}",
+                "-" if e.quadrant_changed is None else f"{e.quadrant_changed:,}",
+                "-" if e.kept_to_dropped is None else f"{e.kept_to_dropped:,}",
+                "-" if e.dropped_to_kept is None else f"{e.dropped_to_kept:,}",
+                f"{e.train_loss:.4f}",
+                f"{e.heldout_loss:.4f}",
+            )
+        console.print(table)
+    final = Table(
+        title="held-out loss after the last epoch (lower is better)", title_justify="left"
+    )
+    for result in results:
+        final.add_column(result.arm, justify="right")
+    final.add_row(*(f"{r.epochs[-1].heldout_loss:.4f}" for r in results))
+    console.print(final)
+    console.print(f"results: {out / 'results.json'}")
 
 
 def main() -> None:

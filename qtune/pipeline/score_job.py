@@ -11,21 +11,25 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
+from qtune import schema
 from qtune.pipeline.config import QTuneConfig
 from qtune.pipeline.layout import SCORE_CONFIG, SCORE_SUMMARY, OutputLayout, publish_dir
 from qtune.pipeline.publish import model_fingerprint
 from qtune.stages import ingest
 from qtune.stages.score import ScoringOptions
-from qtune.stages.score.stage import Score
+from qtune.stages.score.stage import ReadScoredCache, Score
 from qtune.stages.score.vllm_backend import check_vllm_can_serve
 from qtune.stages.tokenize import Tokenize, check_tokenizer_serves, resolve_chat_template
 from qtune.stages.write import STATS_SCHEMA, WriteScores
@@ -62,7 +66,9 @@ class ScoreSummary:
     reasons: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     backend: str = ""
+    model_path: str = ""
     model_fingerprint: str = ""
+    extra: dict = field(default_factory=dict)  # e.g. the checkpoint a re-score used
 
     @property
     def tokens_per_second(self) -> float:
@@ -74,10 +80,10 @@ class ScoreSummary:
         )
 
 
-def scoring_options(cfg: QTuneConfig) -> ScoringOptions:
+def scoring_options(cfg: QTuneConfig, model_path: str | Path | None = None) -> ScoringOptions:
     s = cfg.scoring
     return ScoringOptions(
-        model_path=str(Path(cfg.model.path).absolute()),
+        model_path=str(Path(model_path or cfg.model.path).absolute()),
         max_length=cfg.model.max_length,
         dtype=s.dtype,
         max_num_seqs=s.max_num_seqs,
@@ -177,12 +183,35 @@ def build_score_dataset(
         batch_format="pyarrow",
         udf_modifying_row_count=False,
     )
+    return score_and_write(ds, cfg, model_path, scores_dir, rejects_dir)
+
+
+def build_rescore_dataset(
+    cfg: QTuneConfig,
+    cache_files: list[Path],
+    model_path: str,
+    scores_dir: Path,
+    rejects_dir: Path,
+) -> ray.data.Dataset:
+    """Re-score a scored cache's token ids with another model: read -> score -> write."""
+    import ray.data
+
+    files = [{"path": str(f)} for f in cache_files]
+    ds = ray.data.from_items(files, override_num_blocks=len(files))
+    ds = ds.map_batches(ReadScoredCache(), batch_size=1, batch_format="pyarrow")
+    return score_and_write(ds, cfg, model_path, scores_dir, rejects_dir)
+
+
+def score_and_write(
+    ds: ray.data.Dataset, cfg: QTuneConfig, model_path: str, scores_dir: Path, rejects_dir: Path
+) -> ray.data.Dataset:
+    """The scoring actor pool and the writer, shared by scoring and re-scoring."""
     with warnings.catch_warnings():
         # max_restarts has no named parameter yet; Ray warns about every extra remote arg.
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*is deprecated")
         ds = ds.map_batches(
             Score,
-            fn_constructor_args=(cfg.scoring.backend, scoring_options(cfg)),
+            fn_constructor_args=(cfg.scoring.backend, scoring_options(cfg, model_path)),
             batch_size=cfg.scoring.batch_size,
             batch_format="pyarrow",
             udf_modifying_row_count=False,
@@ -197,11 +226,39 @@ def build_score_dataset(
 
 def run_score(cfg: QTuneConfig, epoch: int = 0) -> ScoreSummary:
     """Score the configured corpus into ``scores/epoch_NNN`` (+ ``rejects/epoch_NNN``)."""
+    sources = preflight(cfg)
+    model_path = str(Path(cfg.model.path).absolute())
+    summary = execute_scoring(
+        cfg,
+        epoch,
+        model_path,
+        lambda scores, rejects: build_score_dataset(cfg, sources, scores, rejects),
+        n_sources=len(sources),
+    )
+    if summary.rows == 0:
+        raise PipelineError(f"input {cfg.input.path!r} has no rows")
+    return summary
+
+
+def execute_scoring(
+    cfg: QTuneConfig,
+    epoch: int,
+    model_path: str,
+    build: Callable[[Path, Path], ray.data.Dataset],
+    *,
+    n_sources: int,
+    carried_rejects: Path | None = None,
+    extra: dict | None = None,
+) -> ScoreSummary:
+    """Run a scoring plan into staging, then publish ``scores/`` and ``rejects/`` of ``epoch``.
+
+    ``carried_rejects``: a previous epoch's rejects, copied in (re-scoring never sees those rows,
+    yet every version must account for every input row).
+    """
     import ray
     import ray.data
 
     started = time.perf_counter()
-    sources = preflight(cfg)
     layout = OutputLayout(Path(cfg.output.dir))
     staging = layout.new_staging_dir(f"score-{epoch:03d}")
     staged_scores, staged_rejects = staging / "scores", staging / "rejects"
@@ -211,18 +268,30 @@ def run_score(cfg: QTuneConfig, epoch: int = 0) -> ScoreSummary:
     try:
         if cfg.scoring.backend == "vllm":
             on_cpu = not ray.cluster_resources().get("GPU", 0)
-            check_vllm_can_serve(str(Path(cfg.model.path).absolute()), on_cpu)
+            check_vllm_can_serve(model_path, on_cpu)
         ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
-        ds = build_score_dataset(cfg, sources, staged_scores, staged_rejects)
-        stats = list(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
+        stats = list(
+            build(staged_scores, staged_rejects).iter_batches(
+                batch_size=None, batch_format="pyarrow"
+            )
+        )
         summary = summarise(
             pa.concat_tables(stats) if stats else STATS_SCHEMA.empty_table(),
             layout,
             epoch,
-            len(sources),
+            n_sources,
         )
-        if summary.rows == 0:
-            raise PipelineError(f"input {cfg.input.path!r} has no rows")
+        carried_parts = sorted(carried_rejects.glob("*.parquet")) if carried_rejects else []
+        if carried_parts:
+            for part in carried_parts:
+                shutil.copy2(part, staged_rejects / part.name)
+            carried = pa.concat_tables(
+                [pq.read_table(part, columns=[schema.REASON]) for part in carried_parts]
+            )
+            summary.rejected += carried.num_rows
+            summary.rows += carried.num_rows
+            for reason in carried.column(schema.REASON).to_pylist():
+                summary.reasons[reason] = summary.reasons.get(reason, 0) + 1
     except BaseException:
         layout.remove_staging_dir(staging)
         raise
@@ -231,7 +300,9 @@ def run_score(cfg: QTuneConfig, epoch: int = 0) -> ScoreSummary:
             ray.shutdown()
     summary.seconds = time.perf_counter() - started
     summary.backend = cfg.scoring.backend
-    summary.model_fingerprint = model_fingerprint(cfg.model.path)
+    summary.model_path = model_path
+    summary.model_fingerprint = model_fingerprint(model_path)
+    summary.extra = extra or {}
     (staged_scores / SCORE_CONFIG).write_text(cfg.to_json())
     (staged_scores / SCORE_SUMMARY).write_text(summary.to_json())
     publish_dir(staged_scores, layout.scores_dir(epoch))

@@ -16,13 +16,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from qtune import schema
 from qtune.pipeline.config import QTuneConfig
 from qtune.pipeline.layout import OutputLayout, epoch_name
-from qtune.pipeline.publish import publish_version, sha256_text
+from qtune.pipeline.publish import MANIFEST, publish_version, sha256_text
 from qtune.pipeline.score_job import PipelineError
 from qtune.schema import DropReason
 from qtune.stages.shards import ShardWriter, build_shard_rows, file_sha256, stamp_files
@@ -67,6 +68,7 @@ class TriageSummary:
     kept_loss_tokens: int
     quadrants: dict = field(default_factory=dict)
     thresholds: dict = field(default_factory=dict)
+    migration: dict | None = None
     files: int = 0
     seconds: float = 0.0
     timings: dict = field(default_factory=dict)
@@ -120,6 +122,46 @@ def _dropped_index(stats: pa.Table, decisions: Decisions, policy: str) -> pa.Tab
         },
         schema=schema.DROPPED_SCHEMA,
     )
+
+
+def migration_from_parent(
+    layout: OutputLayout, parent: int, stats: pa.Table, decisions: Decisions
+) -> dict | None:
+    """How samples moved since the parent version: quadrant matrix and keep-decision changes."""
+    parent_dir = layout.data_dir(parent)
+    if not (parent_dir / MANIFEST).is_file():
+        return None
+    columns = [schema.SAMPLE_ID, schema.QUADRANT]
+    before = pl.concat(
+        [
+            pl.from_arrow(
+                pq.ParquetDataset(parent_dir / "train").read(columns=columns)
+            ).with_columns(kept=pl.lit(True)),
+            pl.from_arrow(
+                pq.read_table(parent_dir / "dropped.parquet", columns=columns)
+            ).with_columns(kept=pl.lit(False)),
+        ]
+    )
+    now = pl.DataFrame(
+        {
+            schema.SAMPLE_ID: stats.column(schema.SAMPLE_ID).to_pylist(),
+            schema.QUADRANT: decisions.quadrant.astype(str),
+            "kept": decisions.kept,
+        }
+    )
+    joined = now.join(before, on=schema.SAMPLE_ID, how="inner", suffix="_parent")
+    counts = joined.group_by(["quadrant_parent", schema.QUADRANT]).len()
+    matrix = {str(q): {str(r): 0 for r in QUADRANTS} for q in QUADRANTS}
+    for row in counts.iter_rows(named=True):
+        matrix[row["quadrant_parent"]][row[schema.QUADRANT]] = int(row["len"])
+    return {
+        "parent": epoch_name(parent),
+        "matched": joined.height,
+        "quadrant_changed": int((joined[schema.QUADRANT] != joined["quadrant_parent"]).sum()),
+        "kept_to_dropped": int((joined["kept_parent"] & ~joined["kept"]).sum()),
+        "dropped_to_kept": int((~joined["kept_parent"] & joined["kept"]).sum()),
+        "matrix": matrix,
+    }
 
 
 def run_triage(
@@ -248,6 +290,7 @@ def run_triage(
                 f"{counts['dropped']} + rejected {rejected} != input rows {counts['input_rows']}"
             )
         quadrants = _quadrant_table(stats, decisions, kept_loss)
+        migration = migration_from_parent(target, epoch - 1, stats, decisions) if epoch else None
         timings["total_s"] = time.perf_counter() - started
         manifest = {
             "version": epoch_name(epoch),
@@ -277,9 +320,11 @@ def run_triage(
             "config": json.loads(cfg.to_json()),
             "config_fingerprint": sha256_text(cfg.to_json()),
             "model": {
-                "path": str(Path(cfg.model.path).absolute()),
+                "path": score_summary.get("model_path") or str(Path(cfg.model.path).absolute()),
                 "fingerprint": score_summary.get("model_fingerprint"),
+                **score_summary.get("extra", {}),
             },
+            "migration": migration,
             "scores": {"dir": str(scores_dir), "summary": score_summary},
             "timings": timings,
         }
@@ -300,6 +345,7 @@ def run_triage(
         kept_loss_tokens=counts["kept_loss_tokens"],
         quadrants=quadrants,
         thresholds=decisions.thresholds,
+        migration=migration,
         files=len(shard_files),
         seconds=time.perf_counter() - started,
         timings=timings,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from qtune.stages.eu_plane import MAX_TOKEN_NLL, keep_count
+from qtune.stages.triage import splitmix64
 
 
 def neighbour_scores(
@@ -46,11 +47,9 @@ def neighbour_scores(
 
 
 def _position_noise(row_keys: np.ndarray, row_of: np.ndarray, position: np.ndarray) -> np.ndarray:
-    """Deterministic noise per (sample, position) via splitmix64; independent of batching."""
-    x = row_keys[row_of] ^ (position.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return (x ^ (x >> np.uint64(31))).astype(np.float64)
+    """Deterministic noise per (sample, position); independent of batching and row order."""
+    mixed = row_keys[row_of] ^ (position.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+    return splitmix64(mixed).astype(np.float64)
 
 
 def prune_loss_mask(

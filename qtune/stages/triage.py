@@ -76,6 +76,14 @@ def stable_hash64(strings: pa.Array | pa.ChunkedArray) -> np.ndarray:
     return hashes
 
 
+def splitmix64(x: np.ndarray) -> np.ndarray:
+    """Well-mixed 64-bit values from 64-bit inputs (seeded noise independent of row order)."""
+    x = x.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
 # --- quadrant labels ------------------------------------------------------------------------------
 
 
@@ -170,9 +178,14 @@ def qtuning_rows(
     return kept, filled, token_pruned, lo
 
 
-def _batches(n: int, batch_size: int, seed: int) -> list[np.ndarray]:
-    """Seeded shuffle of 0..n-1 into pseudo mini-batches; full batches first, then the rest."""
-    permutation = np.random.default_rng(seed).permutation(n)
+def _batches(keys: np.ndarray, batch_size: int, seed: int) -> list[np.ndarray]:
+    """Seeded pseudo mini-batches; full batches first, then the rest.
+
+    Samples are put in sample-id-hash order before the seeded shuffle, so the batches do not
+    depend on the order rows happen to have in the scored cache.
+    """
+    n = len(keys)
+    permutation = np.argsort(keys, kind="stable")[np.random.default_rng(seed).permutation(n)]
     full = (n // batch_size) * batch_size
     groups = [permutation[:full].reshape(-1, batch_size)] if full else []
     if full < n:
@@ -197,7 +210,7 @@ def qtuning_policy(
     if scope == "global":
         groups = [np.arange(n)[None, :]]
     elif scope == "batch":
-        groups = _batches(n, batch_size, seed)
+        groups = _batches(tiebreak, batch_size, seed)
     else:
         raise ValueError(f"unknown scope {scope!r}; valid: global, batch")
     quadrant = np.empty(n, dtype=QUADRANTS.dtype)
@@ -242,7 +255,7 @@ def _top_k(score: np.ndarray, tiebreak: np.ndarray, sample_ratio: float) -> np.n
 
 def _baseline(score_of: Callable[..., np.ndarray]) -> Callable[..., Decisions]:
     def policy(ppl, entropy, n_tokens, tiebreak, *, sample_ratio, seed=0, **_) -> Decisions:
-        kept = _top_k(score_of(ppl, entropy, n_tokens, seed), tiebreak, sample_ratio)
+        kept = _top_k(score_of(ppl, entropy, n_tokens, tiebreak, seed), tiebreak, sample_ratio)
         quadrant = quadrant_labels(ppl[None, :], entropy[None, :])[0]
         # Baselines have no corners: every kept sample is token-pruned when token pruning is on.
         return Decisions(quadrant, kept, np.zeros_like(kept), kept.copy(), {"policy": "baseline"})
@@ -252,11 +265,14 @@ def _baseline(score_of: Callable[..., np.ndarray]) -> Callable[..., Decisions]:
 
 POLICIES: dict[str, Callable[..., Decisions]] = {
     "qtuning": qtuning_policy,
-    "random": _baseline(lambda p, e, t, seed: np.random.default_rng(seed).random(len(p))),
-    "ppl": _baseline(lambda p, e, t, seed: p),
-    "entropy": _baseline(lambda p, e, t, seed: e),
-    "longest": _baseline(lambda p, e, t, seed: t.astype(np.float64)),
-    "shortest": _baseline(lambda p, e, t, seed: -t.astype(np.float64)),
+    # Seeded by sample id, so the choice does not depend on row order in the cache.
+    "random": _baseline(
+        lambda p, e, t, keys, seed: splitmix64(keys ^ np.uint64(seed)).astype(np.float64)
+    ),
+    "ppl": _baseline(lambda p, e, t, keys, seed: p),
+    "entropy": _baseline(lambda p, e, t, keys, seed: e),
+    "longest": _baseline(lambda p, e, t, keys, seed: t.astype(np.float64)),
+    "shortest": _baseline(lambda p, e, t, keys, seed: -t.astype(np.float64)),
 }
 
 

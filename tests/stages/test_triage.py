@@ -106,7 +106,9 @@ def test_batch_scope_keeps_k_per_pseudo_batch():
         batch_size=8,
         seed=5,
     )
-    perm = np.random.default_rng(5).permutation(n)
+    perm = np.argsort(stable_hash64(_ids(n)), kind="stable")[
+        np.random.default_rng(5).permutation(n)
+    ]
     for start in range(0, n, 8):
         members = perm[start : start + 8]
         assert d.kept[members].sum() == max(1, int(np.floor(0.25 * len(members))))
@@ -160,6 +162,12 @@ def test_baselines():
     assert np.array_equal(
         r1.kept, triage("random", ppl, ent, length, ids, sample_ratio=0.2, seed=1).kept
     )
+    # Random selection follows sample ids, not row order.
+    order = rng.permutation(n)
+    shuffled = triage(
+        "random", ppl[order], ent[order], length[order], ids.take(order), sample_ratio=0.2, seed=1
+    )
+    assert np.array_equal(shuffled.kept, r1.kept[order])
     assert set(POLICIES) == {"qtuning", "random", "ppl", "entropy", "longest", "shortest"}
     with pytest.raises(ValueError, match="unknown policy 'best'"):
         triage("best", ppl, ent, length, ids, sample_ratio=0.2)
@@ -170,3 +178,24 @@ def test_stable_hash64_is_fnv1a():
     assert hashes.tolist() == [0xCBF29CE484222325, 0xAF63DC4C8601EC8C, 0x85944171F73967E8]
     sliced = stable_hash64(pa.chunked_array([pa.array(["x", "a"]).slice(1)]))
     assert sliced.tolist() == [0xAF63DC4C8601EC8C]
+
+
+@pytest.mark.parametrize("scope", ["global", "batch"])
+def test_decisions_do_not_depend_on_row_order(scope):
+    rng = np.random.default_rng(11)
+    n = 101
+    ppl, ent = np.round(rng.gamma(2, 1, n), 1), np.round(rng.gamma(2, 1, n), 1)  # with ties
+    ids = _ids(n)
+    order = rng.permutation(n)
+    a = triage("qtuning", ppl, ent, np.ones(n), ids, sample_ratio=0.3, scope=scope)
+    b = triage(
+        "qtuning",
+        ppl[order],
+        ent[order],
+        np.ones(n),
+        ids.take(order),
+        sample_ratio=0.3,
+        scope=scope,
+    )
+    for field in ("kept", "filled", "token_pruned", "quadrant"):
+        assert np.array_equal(getattr(b, field), getattr(a, field)[order]), field

@@ -9,9 +9,11 @@ through with null scores. The backend (engine or model) loads on the first call,
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from qtune import schema
 from qtune.stages.eu_plane import sample_error_uncertainty
@@ -80,3 +82,53 @@ class Score:
         if self._backend is not None:
             self._backend.close()
             self._backend = None
+
+
+# Scored-cache columns a re-score needs: the token ids and loss positions, fixed since epoch 0.
+RESCORE_INPUT_COLUMNS = [
+    schema.SAMPLE_ID,
+    schema.SOURCE,
+    schema.ROW_INDEX,
+    schema.FORMAT,
+    schema.INPUT_IDS,
+    schema.LOSS_MASK,
+    schema.N_TOKENS,
+    schema.N_RESPONSE_TOKENS,
+    schema.TRUNCATED,
+]
+
+
+def tokenized_from_cache(batch: pa.Table) -> pa.Table:
+    """Stage: scored-cache rows (RESCORE_INPUT_COLUMNS) -> TOKENIZED_SCHEMA rows for re-scoring.
+
+    The token ids are reused as they are, so every epoch scores exactly the same tokens; the
+    columns only ingest fills (messages, raw row, reject flags) are null: these rows were usable.
+    """
+    schema.require_columns(batch, RESCORE_INPUT_COLUMNS, "tokenized_from_cache")
+    n = batch.num_rows
+    return schema.with_columns(
+        batch,
+        schema.TOKENIZED_SCHEMA,
+        {
+            schema.MESSAGES: pa.nulls(n, pa.list_(schema.MESSAGE_TYPE)),
+            schema.RAW: pa.nulls(n, pa.string()),
+            schema.REJECT_REASON: pa.nulls(n, pa.string()),
+            schema.REJECT_DETAIL: pa.nulls(n, pa.string()),
+        },
+    )
+
+
+class ReadScoredCache:
+    """Stage: a batch of scored-cache file paths (column ``path``) -> TOKENIZED_SCHEMA rows.
+
+    Many output rows per input row, streamed file by file (the re-score job's reader).
+    """
+
+    def __init__(self, batch_rows: int = 4096):
+        self.batch_rows = batch_rows
+
+    def __call__(self, files: pa.Table) -> Iterator[pa.Table]:
+        for path in files.column("path").to_pylist():
+            parquet = pq.ParquetFile(path)
+            for batch in parquet.iter_batches(self.batch_rows, columns=RESCORE_INPUT_COLUMNS):
+                yield tokenized_from_cache(pa.Table.from_batches([batch]))

@@ -1,0 +1,423 @@
+"""The checkpoint watcher: discovery, completeness, order, exactly-once state, lock, signals.
+
+These test orchestration logic only, so ``rescore`` is a stand-in that records its calls (and, in
+the process tests, writes a marker file per call) instead of scoring with a model; completeness
+is "trainer_state.json exists", the file a Trainer writes last into ``checkpoint-<step>``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from qtune.pipeline.watch import (
+    HEARTBEAT_POLLS,
+    StateLock,
+    Watcher,
+    WatchError,
+    WatchLockError,
+    discover_checkpoints,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def trainer_done(path: Path) -> bool:
+    return (path / "trainer_state.json").is_file()
+
+
+def make_checkpoint(root: Path, step: int, *, complete: bool = True) -> Path:
+    path = root / f"checkpoint-{step}"
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "model.safetensors").write_bytes(b"w")
+    if complete:
+        (path / "trainer_state.json").write_text("{}")
+    return path
+
+
+class StubRescore:
+    """Stand-in for the real rescore: records each call, returns the next epoch."""
+
+    def __init__(self, fail_first: bool = False) -> None:
+        self.calls: list[str] = []
+        self.fail_first = fail_first
+
+    def __call__(self, checkpoint: Path) -> int:
+        self.calls.append(checkpoint.name)
+        if self.fail_first and len(self.calls) == 1:
+            raise RuntimeError("engine died")
+        return len(self.calls)
+
+
+@pytest.fixture
+def run_dir(tmp_path) -> Path:
+    return tmp_path / "run"
+
+
+@pytest.fixture
+def state_file(tmp_path) -> Path:
+    return tmp_path / "out" / ".watch" / "state.json"
+
+
+def watcher(run_dir: Path, state_file: Path, rescore, **kwargs) -> Watcher:
+    return Watcher(run_dir, state_file, rescore, is_complete=trainer_done, **kwargs)
+
+
+def read_state(state_file: Path) -> dict:
+    return json.loads(state_file.read_text())
+
+
+def test_discovery_orders_by_step_number_and_ignores_other_entries(run_dir):
+    assert discover_checkpoints(run_dir) == []  # training has not created it yet
+    for step in (10, 9, 100, 2):
+        make_checkpoint(run_dir, step)
+    (run_dir / "runs").mkdir()
+    (run_dir / "tmp-checkpoint-11").mkdir()  # a Trainer's staging folder
+    (run_dir / "checkpoint-abc").mkdir()
+    (run_dir / "checkpoint-7").write_text("a file, not a checkpoint")
+    (run_dir / "config.json").write_text("{}")
+    names = [p.name for p in discover_checkpoints(run_dir)]
+    assert names == ["checkpoint-2", "checkpoint-9", "checkpoint-10", "checkpoint-100"]
+
+
+def test_a_checkpoint_is_processed_only_once_complete(run_dir, state_file):
+    rescore = StubRescore()
+    w = watcher(run_dir, state_file, rescore)
+    ckpt = make_checkpoint(run_dir, 500, complete=False)
+    assert w.run_once() == []
+    assert rescore.calls == []
+    (ckpt / "trainer_state.json").write_text("{}")
+    assert w.run_once() == ["checkpoint-500"]
+    assert w.run_once() == []
+    assert rescore.calls == ["checkpoint-500"]
+    state = read_state(state_file)
+    assert state["in_progress"] is None
+    assert state["done"]["checkpoint-500"]["epoch"] == 1
+    assert state["checkpoints_dir"] == str(run_dir.absolute())
+    assert not state_file.with_name("state.json.lock").exists()  # released after the round
+
+
+def test_an_earlier_incomplete_checkpoint_blocks_later_ones(run_dir, state_file):
+    rescore = StubRescore()
+    w = watcher(run_dir, state_file, rescore)
+    first = make_checkpoint(run_dir, 9, complete=False)
+    make_checkpoint(run_dir, 10)
+    assert w.run_once() == []
+    assert rescore.calls == []
+    (first / "trainer_state.json").write_text("{}")
+    assert w.run_once() == ["checkpoint-9", "checkpoint-10"]
+    done = read_state(state_file)["done"]
+    assert (done["checkpoint-9"]["epoch"], done["checkpoint-10"]["epoch"]) == (1, 2)
+
+
+def test_a_checkpoint_older_than_the_newest_done_one_is_ignored(run_dir, state_file):
+    rescore = StubRescore()
+    make_checkpoint(run_dir, 500)
+    assert watcher(run_dir, state_file, rescore).run_once() == ["checkpoint-500"]
+    make_checkpoint(run_dir, 300)  # a rewound run; its epoch would break training order
+    make_checkpoint(run_dir, 600)
+    assert watcher(run_dir, state_file, rescore).run_once() == ["checkpoint-600"]
+    assert rescore.calls == ["checkpoint-500", "checkpoint-600"]
+
+
+def test_a_crashed_rescore_is_rerun_once_by_the_next_watcher(run_dir, state_file):
+    make_checkpoint(run_dir, 1)
+    make_checkpoint(run_dir, 2)
+    crashing = StubRescore(fail_first=True)
+    with pytest.raises(RuntimeError, match="engine died"):
+        watcher(run_dir, state_file, crashing).run_once()
+    state = read_state(state_file)
+    assert state["in_progress"] == "checkpoint-1" and state["done"] == {}
+    assert not state_file.with_name("state.json.lock").exists()
+
+    restarted = StubRescore()
+    assert watcher(run_dir, state_file, restarted).run_once() == ["checkpoint-1", "checkpoint-2"]
+    assert restarted.calls == ["checkpoint-1", "checkpoint-2"]
+    # Done checkpoints are never re-run, by this watcher or the next one.
+    again = StubRescore()
+    assert watcher(run_dir, state_file, again).run_once() == []
+    assert again.calls == []
+    assert read_state(state_file)["in_progress"] is None
+
+
+class Killed(BaseException):
+    """Simulates the process dying right after the rescore published (before the state write)."""
+
+
+def test_already_published_marks_done_without_rescoring(run_dir, state_file):
+    make_checkpoint(run_dir, 1)
+    published: dict[str, int] = {}
+
+    def publish_then_die(checkpoint: Path) -> int:
+        published[checkpoint.name] = 7
+        raise Killed
+
+    with pytest.raises(Killed):
+        watcher(run_dir, state_file, publish_then_die).run_once()
+    assert read_state(state_file)["in_progress"] == "checkpoint-1"
+
+    rescore = StubRescore()
+    w = watcher(
+        run_dir,
+        state_file,
+        rescore,
+        already_published=lambda p: published.get(p.name),
+        fingerprint=lambda p: f"fp-{p.name}",
+    )
+    assert w.run_once() == ["checkpoint-1"]
+    assert rescore.calls == []
+    state = read_state(state_file)
+    assert state["in_progress"] is None
+    assert state["done"]["checkpoint-1"]["epoch"] == 7
+    assert state["done"]["checkpoint-1"]["fingerprint"] == "fp-checkpoint-1"
+
+
+def test_an_in_progress_checkpoint_that_vanished_is_dropped(run_dir, state_file):
+    ckpt = make_checkpoint(run_dir, 1)
+    with pytest.raises(RuntimeError):
+        watcher(run_dir, state_file, StubRescore(fail_first=True)).run_once()
+    for child in ckpt.iterdir():
+        child.unlink()
+    ckpt.rmdir()  # rotated away by save_total_limit while no watcher ran
+    make_checkpoint(run_dir, 2)
+    rescore = StubRescore()
+    assert watcher(run_dir, state_file, rescore).run_once() == ["checkpoint-2"]
+    assert rescore.calls == ["checkpoint-2"]
+    assert read_state(state_file)["in_progress"] is None
+
+
+def test_a_state_file_of_another_run_is_refused(run_dir, state_file, tmp_path):
+    make_checkpoint(run_dir, 1)
+    watcher(run_dir, state_file, StubRescore()).run_once()
+    with pytest.raises(WatchError, match="follows checkpoints in"):
+        watcher(tmp_path / "other-run", state_file, StubRescore()).run_once()
+    state_file.write_text("{not json")
+    with pytest.raises(WatchError, match="unreadable"):
+        watcher(run_dir, state_file, StubRescore()).run_once()
+
+
+def test_the_lock_refuses_a_second_live_watcher(run_dir, state_file):
+    make_checkpoint(run_dir, 1)
+    refusals: list[str] = []
+
+    def rescore(checkpoint: Path) -> int:
+        # While the first watcher is re-scoring, a second one on the same state must refuse.
+        with pytest.raises(WatchLockError, match=f"pid {os.getpid()}") as info:
+            watcher(run_dir, state_file, StubRescore()).run_once()
+        refusals.append(str(info.value))
+        return 1
+
+    assert watcher(run_dir, state_file, rescore).run_once() == ["checkpoint-1"]
+    assert len(refusals) == 1 and "stop it first" in refusals[0]
+    # The refused watcher did not remove the live lock; the owner released it at the end.
+    assert not state_file.with_name("state.json.lock").exists()
+
+
+def test_a_stale_lock_is_taken_over_and_a_foreign_host_lock_refuses(run_dir, state_file):
+    lock = state_file.with_name("state.json.lock")
+    lock.parent.mkdir(parents=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, check=True
+    )
+    dead_pid = int(dead.stdout)  # exited and reaped: not alive
+    lock.write_text(json.dumps({"pid": dead_pid, "host": socket.gethostname(), "token": "x"}))
+    make_checkpoint(run_dir, 1)
+    assert watcher(run_dir, state_file, StubRescore()).run_once() == ["checkpoint-1"]
+    assert not lock.exists()
+
+    lock.write_text(json.dumps({"pid": 1, "host": "gpu-node-7", "token": "y"}))
+    with pytest.raises(WatchLockError, match="host gpu-node-7"):
+        watcher(run_dir, state_file, StubRescore()).run_once()
+    assert json.loads(lock.read_text())["token"] == "y"  # left for its owner
+
+    # StateLock is re-entrant within one object and releases only its own lock.
+    lock.unlink()
+    own = StateLock(lock)
+    with own.held(), own.held():
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert not lock.exists()
+
+
+def test_run_polls_until_stopped_and_logs_a_heartbeat(run_dir, state_file, caplog):
+    caplog.set_level(logging.INFO, logger="qtune.pipeline.watch")
+    w = watcher(run_dir, state_file, StubRescore(), poll_seconds=0.005)
+    make_checkpoint(run_dir, 3, complete=False)
+    started = time.monotonic()
+    w.run(stop_after=0.3)
+    assert time.monotonic() - started < 2
+    messages = [r.getMessage() for r in caplog.records]
+    heartbeats = [m for m in messages if "polls," in m]
+    assert heartbeats and "waiting for checkpoint-3 to complete" in heartbeats[0]
+    assert f"{HEARTBEAT_POLLS} polls" in heartbeats[0]
+    # The incomplete checkpoint is reported once at INFO, not on every poll.
+    assert sum("skipping checkpoint-3" in m for m in messages) == 1
+
+    w.stop()
+    w.run()  # already stopped: returns at once without polling
+    assert "stop(): stopped between checkpoints" in caplog.records[-1].getMessage()
+
+
+# -- real processes: SIGTERM, SIGINT, SIGKILL ------------------------------------------------
+
+WATCH_SCRIPT = textwrap.dedent(
+    """
+    import logging, os, signal, sys, time
+    from pathlib import Path
+    from qtune.pipeline.watch import watch_main
+
+    run_dir, state, markers, slow, mode, stop_after = sys.argv[1:7]
+    markers = Path(markers)
+
+    def rescore(checkpoint):  # stand-in for the real rescore: markers instead of a model
+        tag = f"{checkpoint.name}-{os.getpid()}"
+        (markers / f"start-{tag}").touch()
+        if mode == "foreign-handler":  # what ray.init() does to SIGTERM
+            signal.signal(signal.SIGTERM, lambda *_: sys.exit(99))
+        if checkpoint.name in slow.split(","):
+            end = time.monotonic() + 30
+            while time.monotonic() < end:
+                try:
+                    time.sleep(0.02)
+                except KeyboardInterrupt:
+                    if mode != "swallow":
+                        raise
+                    (markers / f"swallowed-{tag}").touch()
+        (markers / f"done-{tag}").touch()
+        return int(checkpoint.name.split("-")[1])
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    sys.exit(watch_main(
+        Path(run_dir), Path(state), rescore,
+        is_complete=lambda p: (p / "trainer_state.json").is_file(),
+        poll_seconds=0.05, stop_after=float(stop_after),
+    ))
+    """
+)
+
+
+class WatchProcess:
+    def __init__(self, tmp_path: Path, run_dir: Path, state_file: Path) -> None:
+        self.tmp_path, self.run_dir, self.state_file = tmp_path, run_dir, state_file
+        self.markers = tmp_path / "markers"
+        self.markers.mkdir(exist_ok=True)
+        self.script = tmp_path / "watch_script.py"
+        self.script.write_text(WATCH_SCRIPT)
+        self.starts = 0
+
+    def start(self, *, slow: str = "", mode: str = "plain", stop_after: float = 30):
+        self.starts += 1
+        self.log = self.tmp_path / f"watch-{self.starts}.log"
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        args = [str(self.run_dir), str(self.state_file), str(self.markers), slow, mode]
+        with open(self.log, "w") as log:
+            return subprocess.Popen(
+                [sys.executable, str(self.script), *args, str(stop_after)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+
+    def markers_named(self, prefix: str) -> list[str]:
+        return sorted(p.name for p in self.markers.glob(f"{prefix}-*"))
+
+    def wait_for(self, predicate, what: str, proc: subprocess.Popen, timeout: float = 15) -> None:
+        end = time.monotonic() + timeout
+        while not predicate():
+            if proc.poll() is not None:
+                pytest.fail(f"watcher exited ({proc.returncode}) before {what}: {self.output()}")
+            if time.monotonic() > end:
+                pytest.fail(f"timed out waiting for {what}: {self.output()}")
+            time.sleep(0.02)
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+
+@pytest.fixture
+def proc_env(tmp_path, run_dir, state_file) -> WatchProcess:
+    return WatchProcess(tmp_path, run_dir, state_file)
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_during_rescore_exits_promptly_and_a_restart_finishes_once(
+    proc_env, run_dir, state_file, sig, code
+):
+    make_checkpoint(run_dir, 1)
+    make_checkpoint(run_dir, 2)
+    proc = proc_env.start(slow="checkpoint-2")
+    proc_env.wait_for(lambda: proc_env.markers_named("start-checkpoint-2"), "rescore", proc)
+    sent = time.monotonic()
+    proc.send_signal(sig)
+    assert proc.wait(timeout=10) == code, proc_env.output()
+    assert time.monotonic() - sent < 3
+    state = read_state(state_file)
+    assert state["in_progress"] == "checkpoint-2"
+    assert list(state["done"]) == ["checkpoint-1"]
+    assert not state_file.with_name("state.json.lock").exists()
+
+    proc = proc_env.start(stop_after=0)
+    assert proc.wait(timeout=15) == 0, proc_env.output()
+    assert "re-running interrupted checkpoint-2" in proc_env.output()
+    assert len(proc_env.markers_named("done-checkpoint-1")) == 1
+    assert len(proc_env.markers_named("done-checkpoint-2")) == 1
+    state = read_state(state_file)
+    assert state["in_progress"] is None and state["done"]["checkpoint-2"]["epoch"] == 2
+
+
+def test_after_sigkill_a_restart_takes_the_stale_lock_and_finishes_once(
+    proc_env, run_dir, state_file
+):
+    make_checkpoint(run_dir, 1)
+    proc = proc_env.start(slow="checkpoint-1")
+    proc_env.wait_for(lambda: proc_env.markers_named("start-checkpoint-1"), "rescore", proc)
+    proc.kill()
+    assert proc.wait(timeout=10) == -signal.SIGKILL
+    lock = state_file.with_name("state.json.lock")
+    assert json.loads(lock.read_text())["pid"] == proc.pid  # left behind by kill -9
+    assert read_state(state_file)["in_progress"] == "checkpoint-1"
+
+    proc = proc_env.start(stop_after=0)
+    assert proc.wait(timeout=15) == 0, proc_env.output()
+    assert "taking over the watch lock" in proc_env.output()
+    assert len(proc_env.markers_named("start-checkpoint-1")) == 2
+    assert len(proc_env.markers_named("done-checkpoint-1")) == 1
+    assert read_state(state_file)["done"]["checkpoint-1"]["epoch"] == 1
+    assert not lock.exists()
+
+
+def test_a_second_signal_aborts_a_rescore_that_ignores_the_first(proc_env, run_dir, state_file):
+    make_checkpoint(run_dir, 1)
+    proc = proc_env.start(slow="checkpoint-1", mode="swallow")
+    proc_env.wait_for(lambda: proc_env.markers_named("start-checkpoint-1"), "rescore", proc)
+    proc.terminate()
+    proc_env.wait_for(lambda: proc_env.markers_named("swallowed"), "first signal", proc)
+    proc.terminate()
+    assert proc.wait(timeout=5) == -signal.SIGTERM, proc_env.output()
+    assert "second signal (SIGTERM); aborting now" in proc_env.output()
+    assert read_state(state_file)["in_progress"] == "checkpoint-1"
+    assert proc_env.markers_named("done") == []
+
+
+def test_sigterm_while_idle_exits_0_even_after_a_rescore_replaced_the_handler(
+    proc_env, run_dir, state_file
+):
+    make_checkpoint(run_dir, 1)
+    proc = proc_env.start(mode="foreign-handler")
+    proc_env.wait_for(
+        lambda: state_file.exists() and "checkpoint-1" in read_state(state_file)["done"],
+        "checkpoint-1 done",
+        proc,
+    )
+    proc.terminate()
+    assert proc.wait(timeout=5) == 0, proc_env.output()  # not the foreign handler's 99
+    assert "SIGTERM: stopped between checkpoints" in proc_env.output()
