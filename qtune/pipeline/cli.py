@@ -306,7 +306,7 @@ def watch(
 ) -> None:
     """Re-score each new complete checkpoint of a training run, in order, once each."""
     from qtune.pipeline.rescore_job import checkpoint_fingerprint, published_epoch_of, run_rescore
-    from qtune.pipeline.score_job import _init_ray
+    from qtune.pipeline.score_job import init_ray
     from qtune.pipeline.watch import default_state_file, watch_main
 
     _setup_logging(verbose)
@@ -323,7 +323,7 @@ def watch(
 
     # Connect to Ray once, before the watcher installs its signal handlers: ray.init replaces
     # the process's SIGTERM handler, and re-connecting per checkpoint would cost seconds each.
-    _init_ray(cfg)
+    init_ray(cfg)
     code = _guard(
         lambda: watch_main(
             checkpoints,

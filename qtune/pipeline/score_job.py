@@ -121,7 +121,7 @@ def preflight(cfg: QTuneConfig) -> list[tuple[ingest.Source, str]]:
     return sources
 
 
-def _init_ray(cfg: QTuneConfig) -> bool:
+def init_ray(cfg: QTuneConfig) -> bool:
     """Connect to the configured cluster or start embedded Ray. True if we started it."""
     import ray
 
@@ -264,7 +264,7 @@ def execute_scoring(
     staged_scores, staged_rejects = staging / "scores", staging / "rejects"
     staged_scores.mkdir()
     staged_rejects.mkdir()
-    we_started_ray = _init_ray(cfg)
+    we_started_ray = init_ray(cfg)
     try:
         if cfg.scoring.backend == "vllm":
             on_cpu = not ray.cluster_resources().get("GPU", 0)
