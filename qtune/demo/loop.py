@@ -166,17 +166,11 @@ def run_demo_loop(
                 record.quadrant_changed = summary.migration["quadrant_changed"]
                 record.kept_to_dropped = summary.migration["kept_to_dropped"]
                 record.dropped_to_kept = summary.migration["dropped_to_kept"]
-            if epoch + 1 < epochs:
+            if epoch + 1 < epochs and arm != "full":
                 checkpoint = out / "checkpoints" / f"after-epoch-{epoch}"
                 model.save_pretrained(checkpoint)
                 tokenizer.save_pretrained(checkpoint)
-                if arm == "full":
-                    # Full data does not depend on scores: the same version trains every epoch.
-                    shutil.copytree(
-                        OutputLayout(out).data_dir(epoch), OutputLayout(out).data_dir(epoch + 1)
-                    )
-                else:
-                    _, summary = run_rescore(cfg, checkpoint, epoch=epoch + 1)
+                _, summary = run_rescore(cfg, checkpoint, epoch=epoch + 1)
             record.seconds = time.perf_counter() - started
             arm_result.epochs.append(record)
             logger.info("%s epoch %d: %s", arm, epoch, asdict(record))
