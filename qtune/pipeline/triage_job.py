@@ -211,13 +211,14 @@ def run_triage(
             int(decisions.kept.sum()),
             n_filled,
         )
+    token_pruned = decisions.token_pruned & (q.token_policy != "none")
     logger.info(
         "triage (%s, %s scope): kept %d of %d samples; token pruning in %d",
         q.policy,
         q.scope,
         decisions.kept.sum(),
         len(decisions.kept),
-        decisions.token_pruned.sum(),
+        token_pruned.sum(),
     )
 
     tick = time.perf_counter()
@@ -227,7 +228,6 @@ def run_triage(
         writer = ShardWriter(
             staging / "train", min(cfg.output.num_shards, n_kept), cfg.output.row_group_rows
         )
-        token_pruned = decisions.token_pruned & (q.token_policy != "none")
         kept_loss = np.zeros(len(decisions.kept), dtype=np.int64)
         offset = 0
         for path in files:
