@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import sys
@@ -197,6 +198,11 @@ def print_triage_summary(summary: TriageSummary) -> None:
     console.print(f'  train = load_dataset("{summary.output_dir}")["train"]', highlight=False)
 
 
+def print_summaries(score_summary: ScoreSummary, triage_summary: TriageSummary) -> None:
+    print_score_summary(score_summary)
+    print_triage_summary(triage_summary)
+
+
 def print_migration(migration: dict) -> None:
     table = Table(
         title=f"quadrant migration since {migration['parent']} (rows: before, columns: now)",
@@ -255,7 +261,7 @@ def _run(cfg: QTuneConfig) -> None:
     from qtune.pipeline.score_job import run_score
     from qtune.pipeline.triage_job import run_triage
 
-    print_score_summary(_guard(lambda: run_score(cfg)))
+    print_score_summary(_guard(lambda: run_score(cfg)))  # before triage starts
     print_triage_summary(_guard(lambda: run_triage(cfg)))
 
 
@@ -286,9 +292,7 @@ def rescore(
 
     _setup_logging(verbose)
     cfg = _load(config, set_)
-    score_summary, triage_summary = _guard(lambda: run_rescore(cfg, model, epoch))
-    print_score_summary(score_summary)
-    print_triage_summary(triage_summary)
+    print_summaries(*_guard(lambda: run_rescore(cfg, model, epoch)))
 
 
 @app.command()
@@ -314,12 +318,16 @@ def watch(
 
     def rescore_checkpoint(checkpoint: Path) -> int:
         score_summary, triage_summary = run_rescore(cfg, checkpoint)
-        print_score_summary(score_summary)
-        print_triage_summary(triage_summary)
+        print_summaries(score_summary, triage_summary)
         return triage_summary.epoch
 
+    # A complete checkpoint does not change: fingerprint it once, not once per question.
+    @functools.cache
+    def fingerprint(checkpoint: Path) -> str:
+        return checkpoint_fingerprint(cfg, checkpoint)
+
     def already_published(checkpoint: Path) -> int | None:
-        return published_epoch_of(cfg, checkpoint_fingerprint(cfg, checkpoint))
+        return published_epoch_of(cfg, fingerprint(checkpoint))
 
     # Connect to Ray once, before the watcher installs its signal handlers: ray.init replaces
     # the process's SIGTERM handler, and re-connecting per checkpoint would cost seconds each.
@@ -330,7 +338,7 @@ def watch(
             state or default_state_file(cfg.output.dir),
             rescore_checkpoint,
             already_published=already_published,
-            fingerprint=lambda checkpoint: checkpoint_fingerprint(cfg, checkpoint),
+            fingerprint=fingerprint,
             poll_seconds=poll,
         )
     )

@@ -21,6 +21,12 @@ class ConfigError(ValueError):
     """A configuration problem, reported before any work starts."""
 
 
+def _registered(value: str, registry: dict, what: str) -> str:
+    if value not in registry:
+        raise ValueError(f"unknown {what} {value!r}; valid: {', '.join(sorted(registry))}")
+    return value
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -94,9 +100,7 @@ class ScoringConfig(_Section):
     def _known_backend(cls, value: str) -> str:
         from qtune.stages.score import BACKENDS
 
-        if value not in BACKENDS:
-            raise ValueError(f"unknown backend {value!r}; valid: {', '.join(sorted(BACKENDS))}")
-        return value
+        return _registered(value, BACKENDS, "backend")
 
 
 class QTuningConfig(_Section):
@@ -135,9 +139,7 @@ class QTuningConfig(_Section):
     def _known_policy(cls, value: str) -> str:
         from qtune.stages.triage import POLICIES
 
-        if value not in POLICIES:
-            raise ValueError(f"unknown policy {value!r}; valid: {', '.join(sorted(POLICIES))}")
-        return value
+        return _registered(value, POLICIES, "policy")
 
 
 class OutputConfig(_Section):

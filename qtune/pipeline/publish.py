@@ -24,9 +24,28 @@ _EPOCH_DIR = re.compile(r"^epoch_(\d{3,})$")
 
 
 def write_atomic(path: Path, text: str) -> None:
+    """Write a temporary file, fsync it, ``os.replace`` it over ``path``, fsync the directory.
+
+    Readers see the old or the new file, never a partial one; the fsyncs make the change
+    survive a machine crash too (manifests, LATEST and the watcher's state depend on it).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return  # some filesystems do not open directories; the rename itself is atomic
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # directory fsync unsupported here (some network filesystems)
+    finally:
+        os.close(fd)
 
 
 def sha256_text(text: str) -> str:

@@ -36,6 +36,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from qtune.pipeline.publish import write_atomic
+
 logger = logging.getLogger(__name__)
 
 STATE_VERSION = 1
@@ -148,7 +150,7 @@ class WatchState:
             "done": self.done,
             "updated": _now(),
         }
-        _write_durably(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+        write_atomic(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
     def newest_done_step(self) -> int:
         return max((checkpoint_step(name) or 0 for name in self.done), default=-1)
@@ -676,28 +678,3 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True  # exists, owned by another user
     return True
-
-
-def _write_durably(path: Path, text: str) -> None:
-    """Write a temporary file, fsync it, ``os.replace`` it over ``path``, fsync the directory.
-
-    The fsyncs make the state survive a machine crash, not just a killed process: the state is
-    what makes "exactly once" true, and it changes once or twice per checkpoint.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return  # some filesystems do not open directories; the rename itself is atomic
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # directory fsync unsupported here (some network filesystems)
-    finally:
-        os.close(fd)

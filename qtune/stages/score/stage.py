@@ -48,16 +48,19 @@ class Score:
             else []
         )
 
-        logprob = np.zeros(len(ids), dtype=np.float32)
-        entropy = np.zeros(len(ids), dtype=np.float32)
+        # Rejected rows have no tokens, so the usable rows' results laid end to end are exactly
+        # the flat per-token arrays of the batch.
         for i, result in zip(rows, scored, strict=True):
             if result.shape != (offsets[i + 1] - offsets[i], 2):
                 raise RuntimeError(
                     f"{self.backend_name} backend returned shape {result.shape} for a sequence "
                     f"of {offsets[i + 1] - offsets[i]} tokens"
                 )
-            logprob[offsets[i] : offsets[i + 1]] = result[:, 0]
-            entropy[offsets[i] : offsets[i + 1]] = result[:, 1]
+        flat = np.concatenate(scored).astype(np.float32) if len(rows) else np.zeros((0, 2))
+        if len(flat) != len(ids):
+            raise RuntimeError("score: rejected rows must carry no token ids")
+        logprob = np.ascontiguousarray(flat[:, 0], dtype=np.float32)
+        entropy = np.ascontiguousarray(flat[:, 1], dtype=np.float32)
         nll, ppl, sample_entropy = sample_error_uncertainty(offsets, mask, logprob, entropy)
 
         nulls = pa.array(~usable)
