@@ -44,12 +44,15 @@ class RejectReason(StrEnum):
     TEMPLATE_ERROR = "template_error"
     TOO_LONG = "too_long"
     NO_RESPONSE_TOKENS = "no_response_tokens"
+    DUPLICATE_SAMPLE_ID = "duplicate_sample_id"  # a later row repeating an earlier row's id
+    UNREADABLE_SOURCE = "unreadable_source"  # the file failed mid-read; its remaining rows
 
 
 # --- column names -------------------------------------------------------------------------------
 SAMPLE_ID = "sample_id"
 SOURCE = "source"  # input file (or dataset directory) the row came from
 ROW_INDEX = "row_index"  # 0-based row/line number within SOURCE
+PARTITION = "partition"  # input partition (unit of scoring, checkpointing and resume)
 FORMAT = "format"  # detected or configured input format of the row
 MESSAGES = "messages"  # normalised conversation: list<struct<role, content>>
 RAW = "raw"  # original row as text; kept only for rejected rows
@@ -88,6 +91,7 @@ NORMALIZED_SCHEMA = pa.schema(
         (SAMPLE_ID, pa.string()),
         (SOURCE, pa.string()),
         (ROW_INDEX, pa.int64()),
+        (PARTITION, pa.int32()),
         (FORMAT, pa.string()),
         (MESSAGES, pa.list_(MESSAGE_TYPE)),
         (RAW, pa.string()),

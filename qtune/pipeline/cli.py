@@ -36,6 +36,14 @@ SetOpt = Annotated[
     typer.Option("--set", help="Override a config key: section.key=value (repeatable)."),
 ]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")]
+RestartOpt = Annotated[
+    bool,
+    typer.Option(
+        "--restart",
+        help="Discard an unfinished or mismatching earlier run in output.dir instead of "
+        "resuming or refusing (run/score: every result there; rescore: that epoch's).",
+    ),
+]
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -59,18 +67,25 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _root_cause(error: BaseException) -> BaseException:
-    # Ray wraps a stage's exception (RayTaskError -> cause); report the stage's own message.
-    seen = error
-    while getattr(seen, "cause", None) is not None or seen.__cause__ is not None:
+def _known_error(error: BaseException, expected: tuple[type, ...]) -> BaseException | None:
+    """The first known error along the chain (Ray wraps a stage's exception: RayTaskError ->
+    ``cause``); its own message, not Ray's wrapper with a remote traceback."""
+    ray_exceptions = sys.modules.get("ray.exceptions")
+    wrapper = ray_exceptions.RayTaskError if ray_exceptions else ()
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, expected) and not isinstance(seen, wrapper):
+            return seen
         seen = getattr(seen, "cause", None) or seen.__cause__
-    return seen
+    return None
 
 
 def _guard(job: Callable[[], T]) -> T:
     """Run a job; known failures become one clear line and a non-zero exit, not a traceback."""
     from qtune.pipeline.checkpoints import CheckpointError
-    from qtune.pipeline.score_job import PipelineError
+    from qtune.pipeline.errors import PipelineError
+    from qtune.pipeline.lock import OutputLockedError
+    from qtune.pipeline.verify import VerifyError
     from qtune.pipeline.watch import WatchError
     from qtune.stages.ingest import InputError
     from qtune.stages.score import ScoringSetupError
@@ -83,15 +98,15 @@ def _guard(job: Callable[[], T]) -> T:
         TokenizerSetupError,
         CheckpointError,
         WatchError,
+        OutputLockedError,
+        VerifyError,
     )
     try:
         return job()
-    except expected as e:
-        raise _fail(str(e)) from None
     except Exception as e:
-        cause = _root_cause(e)
-        if isinstance(cause, expected):
-            raise _fail(str(cause)) from None
+        known = _known_error(e, expected)
+        if known is not None:
+            raise _fail(str(known)) from None
         raise
 
 
@@ -121,9 +136,21 @@ def print_score_summary(summary: ScoreSummary) -> None:
                 ("mean sample PPL (geometric)", f"{ppl:.3f}"),
                 ("mean sample entropy (nats)", f"{summary.mean_entropy:.3f}"),
                 ("backend", summary.backend),
+                (
+                    "partitions (resumed)",
+                    f"{summary.partitions:,} ({summary.resumed_partitions:,})",
+                ),
             ],
         )
     )
+    if summary.reused:
+        console.print(f"re-used the complete scored cache {summary.scores_dir} (nothing scored)")
+    for unreadable in summary.unreadable_sources:
+        err_console.print(
+            f"[yellow]unreadable input skipped:[/yellow] {unreadable['error']}",
+            highlight=False,
+            soft_wrap=True,
+        )
     if summary.reasons:
         reasons = Table(title="rejects by reason", title_justify="left")
         reasons.add_column("reason")
@@ -190,6 +217,8 @@ def print_triage_summary(summary: TriageSummary) -> None:
             ],
         )
     )
+    if summary.per_source:
+        print_accounting(summary.per_source)
     if summary.migration:
         print_migration(summary.migration)
     console.print(f"published: {summary.version_dir}")
@@ -201,6 +230,25 @@ def print_triage_summary(summary: TriageSummary) -> None:
 def print_summaries(score_summary: ScoreSummary, triage_summary: TriageSummary) -> None:
     print_score_summary(score_summary)
     print_triage_summary(triage_summary)
+
+
+def print_accounting(per_source: dict[str, dict[str, int]]) -> None:
+    """Every input file's rows: kept + dropped + rejected must equal its input rows."""
+    table = Table(title="row accounting per input file", title_justify="left")
+    table.add_column("source")
+    for column in ("input rows", "kept", "dropped", "rejected", "adds up"):
+        table.add_column(column, justify="right")
+    for source, c in per_source.items():
+        adds_up = c["kept"] + c["dropped"] + c["rejected"] == c["input_rows"]
+        table.add_row(
+            source,
+            f"{c['input_rows']:,}",
+            f"{c['kept']:,}",
+            f"{c['dropped']:,}",
+            f"{c['rejected']:,}",
+            "yes" if adds_up else "[red]NO[/red]",
+        )
+    console.print(table)
 
 
 def print_migration(migration: dict) -> None:
@@ -224,13 +272,18 @@ def print_migration(migration: dict) -> None:
 
 
 @app.command()
-def score(config: ConfigArg, set_: SetOpt = None, verbose: VerboseOpt = False) -> None:
-    """Score the corpus: per-token log-prob and entropy into <output.dir>/scores/epoch_000."""
+def score(
+    config: ConfigArg, set_: SetOpt = None, restart: RestartOpt = False, verbose: VerboseOpt = False
+) -> None:
+    """Score the corpus: per-token log-prob and entropy into <output.dir>/scores/epoch_000.
+
+    Re-running after a crash resumes; a complete cache for the same input, model and settings
+    is re-used."""
     from qtune.pipeline.score_job import run_score
 
     _setup_logging(verbose)
     cfg = _load(config, set_)
-    print_score_summary(_guard(lambda: run_score(cfg)))
+    print_score_summary(_guard(lambda: run_score(cfg, restart=restart)))
 
 
 @app.command()
@@ -257,19 +310,52 @@ def triage(
     print_triage_summary(_guard(lambda: run_triage(cfg, epoch=epoch, out_dir=out)))
 
 
-def _run(cfg: QTuneConfig) -> None:
+def _run(cfg: QTuneConfig, restart: bool = False) -> None:
+    from qtune.pipeline.layout import OutputLayout
+    from qtune.pipeline.lock import OutputLock
     from qtune.pipeline.score_job import run_score
     from qtune.pipeline.triage_job import run_triage
 
-    print_score_summary(_guard(lambda: run_score(cfg)))  # before triage starts
-    print_triage_summary(_guard(lambda: run_triage(cfg)))
+    def job() -> None:
+        # One lock over both steps: no other writer can slip in between scoring and triage.
+        with OutputLock(OutputLayout(Path(cfg.output.dir)).lock_file, "qtune run"):
+            print_score_summary(run_score(cfg, restart=restart))  # before triage starts
+            print_triage_summary(run_triage(cfg, epoch=0))
+
+    _guard(job)
 
 
 @app.command()
-def run(config: ConfigArg, set_: SetOpt = None, verbose: VerboseOpt = False) -> None:
-    """Score the corpus, then triage, prune tokens and publish epoch_000."""
+def run(
+    config: ConfigArg, set_: SetOpt = None, restart: RestartOpt = False, verbose: VerboseOpt = False
+) -> None:
+    """Score the corpus, then triage, prune tokens and publish epoch_000.
+
+    Re-running the same command after a crash resumes where it stopped."""
     _setup_logging(verbose)
-    _run(_load(config, set_))
+    _run(_load(config, set_), restart)
+
+
+@app.command()
+def verify(
+    output_dir: Annotated[Path, typer.Argument(help="An output directory qtune published into.")],
+    epoch: Annotated[
+        int | None, typer.Option(help="Version to check (default: the one in LATEST).")
+    ] = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Re-check a published version: checksums, schema, masks, token budget, counts."""
+    from qtune.pipeline.verify import verify_version
+
+    _setup_logging(verbose)
+    report = _guard(lambda: verify_version(output_dir, epoch))
+    checked = ", ".join(f"{v:,} {k}" for k, v in report.checks.items())
+    if report.ok:
+        console.print(f"[green]ok[/green] {report.version_dir}: {checked}", highlight=False)
+        return
+    for problem in report.problems:
+        err_console.print(f"[red]problem:[/red] {problem}", highlight=False, soft_wrap=True)
+    raise _fail(f"{len(report.problems)} problem(s) in {report.version_dir}")
 
 
 @app.command()
@@ -285,6 +371,7 @@ def rescore(
         int | None, typer.Option(help="Epoch to publish (default: the next one).")
     ] = None,
     set_: SetOpt = None,
+    restart: RestartOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Re-score the corpus with a checkpoint, triage, and publish the next epoch's version."""
@@ -292,7 +379,7 @@ def rescore(
 
     _setup_logging(verbose)
     cfg = _load(config, set_)
-    print_summaries(*_guard(lambda: run_rescore(cfg, model, epoch)))
+    print_summaries(*_guard(lambda: run_rescore(cfg, model, epoch, restart=restart)))
 
 
 @app.command()

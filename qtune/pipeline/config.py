@@ -42,6 +42,16 @@ class InputConfig(_Section):
     batch_rows: int = Field(
         512, ge=1, description="Rows per ingest batch: larger is faster, smaller streams finer."
     )
+    partition_rows: int = Field(
+        4096,
+        ge=1,
+        description="Rows per partition, the unit of scoring and of resume after a crash: a "
+        "killed run redoes at most the partitions in flight.",
+    )
+    strict: bool = Field(
+        False,
+        description="Fail on an unreadable input file instead of reporting it and going on.",
+    )
 
 
 class ModelConfig(_Section):

@@ -47,6 +47,24 @@ class OutputLayout:
         return self.scores_dir(epoch) / SCORE_SUMMARY
 
     @property
+    def lock_file(self) -> Path:
+        """Held by the one qtune process writing into this directory (``OutputLock``)."""
+        return self.root / ".qtune.lock"
+
+    def scoring_state(self, epoch: int) -> ScoringStateLayout:
+        """Where an unfinished scoring of ``epoch`` keeps its plan and finished partitions.
+
+        A fixed name (unlike other staging directories): re-running the same command finds it
+        and resumes.
+        """
+        return ScoringStateLayout(self.staging_root / f"score-{epoch_name(epoch)}")
+
+    def derived_paths(self) -> list[Path]:
+        """Everything qtune wrote here (what ``--restart`` removes); inputs are never here."""
+        names = ["data", "scores", "rejects", ".staging", ".watch", "README.md", "LATEST"]
+        return [self.root / name for name in names if (self.root / name).exists()]
+
+    @property
     def staging_root(self) -> Path:
         # Outside data/ and scores/ so no glob over published files ever sees partial output.
         return self.root / ".staging"
@@ -59,10 +77,69 @@ class OutputLayout:
         except OSError:
             pass  # another run is staging, or already gone
 
+    def remove_stale_staging(self, prefix: str) -> None:
+        """Drop staging directories a killed run left behind (call with the output lock held)."""
+        if self.staging_root.is_dir():
+            for path in self.staging_root.glob(f"{prefix}*"):
+                shutil.rmtree(path, ignore_errors=True)
+
     def new_staging_dir(self, label: str) -> Path:
         path = self.staging_root / f"{label}-{uuid.uuid4().hex[:12]}"
         path.mkdir(parents=True)
         return path
+
+
+@dataclass(frozen=True)
+class ScoringStateLayout:
+    """Files of a resumable scoring run (all under the output's staging root).
+
+    ``plan.json`` (partitions + fingerprint) is written first; the writer tasks put fragments
+    in ``fragments/``; a finished partition becomes ``scores/part-NNNNNN.parquet`` (+ rejects)
+    and then gets its marker ``done/part-NNNNNN.json`` — a partition without a marker is redone.
+    """
+
+    root: Path
+
+    @property
+    def plan(self) -> Path:
+        return self.root / "plan.json"
+
+    @property
+    def fragments(self) -> Path:
+        return self.root / "fragments"
+
+    @property
+    def scores(self) -> Path:
+        return self.root / "scores"
+
+    @property
+    def rejects(self) -> Path:
+        return self.root / "rejects"
+
+    @property
+    def done(self) -> Path:
+        return self.root / "done"
+
+    @property
+    def dedup(self) -> Path:
+        """Written once duplicate sample_ids are moved to rejects (makes that step idempotent)."""
+        return self.root / "dedup.json"
+
+    @property
+    def duplicates(self) -> Path:
+        return self.rejects / "duplicates.parquet"
+
+    def part_name(self, partition: int) -> str:
+        return f"part-{partition:06d}.parquet"
+
+    def marker(self, partition: int) -> Path:
+        return self.done / f"part-{partition:06d}.json"
+
+
+def partition_of_part(path: Path) -> int | None:
+    """``part-000012.parquet`` -> 12 (scored-cache and rejects parts are named by partition)."""
+    stem = path.name.removesuffix(".parquet").removeprefix("part-")
+    return int(stem) if stem.isdigit() else None
 
 
 def publish_dir(staged: Path, target: Path) -> None:

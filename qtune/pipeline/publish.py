@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from qtune.faults import fault_point
 from qtune.pipeline.layout import OutputLayout, epoch_name, publish_dir
 
 MANIFEST = "manifest.json"
@@ -52,6 +53,16 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def _digest_size_and_ends(digest: Any, path: Path) -> None:
+    """Size and the first and last MiB: a rewritten file changes its bytes at one end or both."""
+    size = path.stat().st_size
+    digest.update(str(size).encode())
+    with open(path, "rb") as f:
+        digest.update(f.read(1 << 20))
+        f.seek(max(0, size - (1 << 20)))
+        digest.update(f.read(1 << 20))
+
+
 def model_fingerprint(model_path: str | Path) -> str:
     """Content fingerprint of a model directory, cheap enough for multi-GB checkpoints.
 
@@ -65,14 +76,20 @@ def model_fingerprint(model_path: str | Path) -> str:
             continue
         digest.update(path.name.encode())
         if path.suffix in {".safetensors", ".bin", ".pt", ".gguf"}:
-            size = path.stat().st_size
-            digest.update(str(size).encode())
-            with open(path, "rb") as f:
-                digest.update(f.read(1 << 20))
-                f.seek(max(0, size - (1 << 20)))
-                digest.update(f.read(1 << 20))
+            _digest_size_and_ends(digest, path)
         elif path.suffix in {".json", ".jinja", ".model", ".txt"}:
             digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def input_fingerprint(paths: list[str | Path]) -> str:
+    """Fingerprint of input files (or saved-dataset directories): path, size and end bytes."""
+    digest = hashlib.sha256()
+    for root in sorted(Path(p).absolute() for p in paths):
+        files = sorted(f for f in root.rglob("*") if f.is_file()) if root.is_dir() else [root]
+        for path in files:
+            digest.update(str(path).encode())
+            _digest_size_and_ends(digest, path)
     return digest.hexdigest()
 
 
@@ -144,6 +161,7 @@ def publish_version(layout: OutputLayout, epoch: int, staged: Path, manifest: di
     write_atomic(staged / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
     target = layout.data_dir(epoch)
     publish_dir(staged, target)
+    fault_point("triage.moved")
     write_atomic(layout.root / "README.md", dataset_card(layout))
     newest = published_epochs(layout)[-1]
     write_atomic(layout.root / "LATEST", epoch_name(newest) + "\n")

@@ -8,19 +8,20 @@ rejected: their records are carried into the new epoch so every version accounts
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import asdict
 from pathlib import Path
 
+import pyarrow.parquet as pq
+
 from qtune.pipeline.config import QTuneConfig
-from qtune.pipeline.layout import OutputLayout
-from qtune.pipeline.publish import published_epochs, read_manifest
-from qtune.pipeline.score_job import (
-    PipelineError,
-    ScoreSummary,
-    build_rescore_dataset,
-    execute_scoring,
-)
+from qtune.pipeline.errors import PipelineError
+from qtune.pipeline.layout import OutputLayout, epoch_name, partition_of_part
+from qtune.pipeline.lock import OutputLock
+from qtune.pipeline.publish import model_fingerprint, published_epochs, read_manifest
+from qtune.pipeline.score_job import ScoreSummary, build_rescore_dataset, execute_scoring
+from qtune.pipeline.scoring_state import ScoringPlan, fingerprint_key
 from qtune.pipeline.triage_job import TriageSummary, run_triage
 
 logger = logging.getLogger(__name__)
@@ -58,13 +59,64 @@ def published_epoch_of(cfg: QTuneConfig, fingerprint: str) -> int | None:
     return None
 
 
+def rescore_plan(
+    cfg: QTuneConfig, layout: OutputLayout, source_epoch: int, model_dir: Path, checkpoint_fp: str
+) -> ScoringPlan:
+    """One partition per scored-cache part of ``source_epoch`` (same numbering)."""
+    parent = ScoreSummary.from_json(layout.score_summary(source_epoch).read_text())
+    parts = sorted(layout.scores_dir(source_epoch).glob("*.parquet"))
+    partitions = []
+    for i, part in enumerate(parts):
+        index = partition_of_part(part)
+        partitions.append(
+            {
+                "index": i if index is None else index,
+                "source": str(part),
+                "path": str(part),
+                "row_count": pq.ParquetFile(part).metadata.num_rows,
+            }
+        )
+    settings = {
+        "backend": cfg.scoring.backend,
+        "dtype": cfg.scoring.dtype,
+        "token_ids_from": epoch_name(source_epoch),
+    }
+    return ScoringPlan(
+        partitions=partitions,
+        fingerprint={
+            "input": parent.fingerprint.get("input", ""),
+            "token ids": fingerprint_key(parent.fingerprint) if parent.fingerprint else "",
+            "model": model_fingerprint(model_dir),
+            "checkpoint": checkpoint_fp,
+            "settings": json.dumps(settings, sort_keys=True),
+        },
+        source_rows=parent.source_rows,
+        unreadable=parent.unreadable_sources,
+    )
+
+
 def run_rescore(
-    cfg: QTuneConfig, checkpoint: str | Path, epoch: int | None = None
+    cfg: QTuneConfig, checkpoint: str | Path, epoch: int | None = None, restart: bool = False
 ) -> tuple[ScoreSummary, TriageSummary]:
-    """Score with ``checkpoint`` into ``scores/epoch_N``, triage, publish ``data/epoch_N``."""
+    """Score with ``checkpoint`` into ``scores/epoch_N``, triage, publish ``data/epoch_N``.
+
+    Resumes an interrupted re-score of the same epoch and checkpoint; ``restart`` discards one
+    made with another checkpoint or settings.
+    """
+    layout = OutputLayout(Path(cfg.output.dir))
+    with OutputLock(layout.lock_file, "qtune rescore"):
+        return _rescore(cfg, layout, checkpoint, epoch, restart)
+
+
+def _rescore(
+    cfg: QTuneConfig,
+    layout: OutputLayout,
+    checkpoint: str | Path,
+    epoch: int | None,
+    restart: bool,
+) -> tuple[ScoreSummary, TriageSummary]:
     from qtune.pipeline.checkpoints import check_same_tokenizer, resolve_checkpoint
 
-    layout = OutputLayout(Path(cfg.output.dir))
     epoch = next_epoch(layout) if epoch is None else epoch
     if epoch < 1:
         raise PipelineError("re-scoring publishes epoch 1 or later; epoch 0 comes from `qtune run`")
@@ -78,7 +130,7 @@ def run_rescore(
         checkpoint, base_model=cfg.model.path, cache_dir=layout.root / ".cache" / "merged"
     )
     check_same_tokenizer(cfg.model.path, resolved.model_dir)
-    cache_files = sorted(layout.scores_dir(source_epoch).glob("*.parquet"))
+    plan = rescore_plan(cfg, layout, source_epoch, Path(resolved.model_dir), resolved.fingerprint)
     logger.info(
         "re-scoring epoch %d with %s checkpoint %s (token ids from epoch %d)",
         epoch,
@@ -90,10 +142,11 @@ def run_rescore(
         cfg,
         epoch,
         str(resolved.model_dir),
-        lambda scores, rejects: build_rescore_dataset(
-            cfg, cache_files, str(resolved.model_dir), scores, rejects
+        plan,
+        lambda pending, fragments: build_rescore_dataset(
+            cfg, pending, str(resolved.model_dir), fragments
         ),
-        n_sources=len(cache_files),
+        n_sources=len(plan.source_rows) or len(plan.partitions),
         carried_rejects=layout.rejects_dir(source_epoch),
         extra={
             "checkpoint": {
@@ -102,8 +155,9 @@ def run_rescore(
                 "fingerprint": resolved.fingerprint,
                 "model_dir": str(resolved.model_dir),
             },
-            "token_ids_from": f"epoch_{source_epoch:03d}",
+            "token_ids_from": epoch_name(source_epoch),
         },
+        restart=restart,
     )
     triage_summary = run_triage(cfg, epoch=epoch)
     logger.info("published epoch %d: %s", epoch, asdict(triage_summary)["version_dir"])

@@ -1,10 +1,11 @@
 """The scoring job: corpus -> normalised rows -> tokens -> scores -> scored cache + rejects.
 
 Wires the stages into one streaming Ray Data pipeline (embedded Ray unless ``ray.address`` is
-set): reading and tokenisation run as CPU tasks, scoring as an actor pool with one engine per GPU
-(per CPU worker without GPUs), and a writer task routes every batch. Output is written to a
-staging directory and moved into ``scores/epoch_NNN`` and ``rejects/epoch_NNN`` only when
-complete.
+set): reading and tokenisation run as CPU tasks, one per input partition; scoring runs as an
+actor pool with one engine per GPU (per CPU worker without GPUs); a writer task routes every
+batch. The driver completes partitions as their rows arrive (``ScoringState``): a killed run,
+re-run with the same command, scores only the partitions that had not finished. Output is
+published into ``scores/epoch_NNN`` and ``rejects/epoch_NNN`` only when complete.
 """
 
 from __future__ import annotations
@@ -16,36 +17,41 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from qtune import schema
+from qtune.faults import fault_point
 from qtune.pipeline.config import QTuneConfig
-from qtune.pipeline.layout import SCORE_CONFIG, SCORE_SUMMARY, OutputLayout, publish_dir
-from qtune.pipeline.publish import model_fingerprint
+from qtune.pipeline.errors import PipelineError
+from qtune.pipeline.layout import SCORE_SUMMARY, OutputLayout
+from qtune.pipeline.lock import OutputLock
+from qtune.pipeline.publish import input_fingerprint, model_fingerprint
+from qtune.pipeline.scoring_state import (
+    RawTextReader,
+    ScoringPlan,
+    ScoringState,
+    changed_parts,
+)
 from qtune.stages import ingest
 from qtune.stages.score import ScoringOptions
 from qtune.stages.score.stage import ReadScoredCache, Score
 from qtune.stages.score.vllm_backend import check_vllm_can_serve
 from qtune.stages.tokenize import Tokenize, check_tokenizer_serves, resolve_chat_template
-from qtune.stages.write import STATS_SCHEMA, WriteScores
+from qtune.stages.write import WriteScores
 
 if TYPE_CHECKING:
     import ray.data
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["PipelineError", "ScoreSummary", "run_score", "execute_scoring"]
 
-# Rows per scored-cache part: few enough files for a million samples, small enough to stream.
-WRITE_BATCH_ROWS = 4096
-
-
-class PipelineError(RuntimeError):
-    """The job could not run or produced nothing usable; the message says why."""
+# Bump when the scored cache's content for the same input, model and settings changes.
+CACHE_FORMAT = "2"
 
 
 @dataclass
@@ -68,6 +74,12 @@ class ScoreSummary:
     backend: str = ""
     model_path: str = ""
     model_fingerprint: str = ""
+    partitions: int = 0
+    resumed_partitions: int = 0  # found complete from an earlier, interrupted run
+    reused: bool = False  # the whole cache was already complete: nothing was scored
+    source_rows: dict[str, int] = field(default_factory=dict)  # input rows per source file
+    unreadable_sources: list[dict[str, str]] = field(default_factory=list)
+    fingerprint: dict[str, str] = field(default_factory=dict)
     extra: dict = field(default_factory=dict)  # e.g. the checkpoint a re-score used
 
     @property
@@ -78,6 +90,12 @@ class ScoreSummary:
         return json.dumps(
             {**asdict(self), "tokens_per_second": self.tokens_per_second}, indent=2, sort_keys=True
         )
+
+    @classmethod
+    def from_json(cls, text: str) -> ScoreSummary:
+        data = json.loads(text)
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
 
 
 def scoring_options(cfg: QTuneConfig, model_path: str | Path | None = None) -> ScoringOptions:
@@ -96,29 +114,91 @@ def scoring_options(cfg: QTuneConfig, model_path: str | Path | None = None) -> S
     )
 
 
-def _resolve_sources(cfg: QTuneConfig) -> list[tuple[ingest.Source, str]]:
+def _resolve_sources(cfg: QTuneConfig) -> list[tuple[ingest.Source, str | None]]:
     sources = ingest.discover_sources(cfg.input.path)
     resolved = []
     for source in sources:
-        fmt = cfg.input.format
+        fmt: str | None = cfg.input.format
         if fmt == "auto":
-            fmt = ingest.detect_source_format(source, cfg.input.split) or "auto"
+            try:
+                fmt = ingest.detect_source_format(source, cfg.input.split)
+            except (ingest.InputError, OSError, ValueError):
+                fmt = None  # unreadable: planning reports it
+            if fmt is None:
+                logger.warning("%s: no row in a known format among the first rows", source.path)
         resolved.append((source, fmt))
     return resolved
 
 
-def preflight(cfg: QTuneConfig) -> list[tuple[ingest.Source, str]]:
+def preflight(cfg: QTuneConfig) -> list[tuple[ingest.Source, str | None]]:
     """Every check that can fail before any work starts."""
     model_path = Path(cfg.model.path)
     if not model_path.is_dir():
-        raise PipelineError(f"model.path {cfg.model.path!r} is not a directory")
+        raise PipelineError(
+            f"model.path {cfg.model.path!r} is not a directory; set model.path to a local model "
+            "directory (config.json, weights, tokenizer)"
+        )
+    if cfg.scoring.backend == "vllm" and not cfg.ray.address:
+        # Embedded Ray runs on this machine: whether it has a GPU is known before Ray starts.
+        import torch
+
+        check_vllm_can_serve(str(model_path.absolute()), on_cpu=not torch.cuda.is_available())
     sources = _resolve_sources(cfg)
     check_tokenizer_serves(
         str(model_path.absolute()),
         resolve_chat_template(cfg.model.chat_template),
-        {fmt for _, fmt in sources if fmt != "auto"},
+        {fmt for _, fmt in sources if fmt is not None},
     )
     return sources
+
+
+def scoring_fingerprint(cfg: QTuneConfig, model_path: str, input_key: str) -> dict[str, str]:
+    """What a scored cache depends on, by name (a mismatch says which changed)."""
+    template = resolve_chat_template(cfg.model.chat_template)
+    settings = {
+        "max_length": cfg.model.max_length,
+        "chat_template": template,
+        "overlength": cfg.model.overlength,
+        "backend": cfg.scoring.backend,
+        "dtype": cfg.scoring.dtype,
+        "partition_rows": cfg.input.partition_rows,
+        "format": cfg.input.format,
+        "split": cfg.input.split,
+        "cache_format": CACHE_FORMAT,
+    }
+    return {
+        "input": input_key,
+        "model": model_fingerprint(model_path),
+        "settings": json.dumps(settings, sort_keys=True),
+    }
+
+
+def plan_input(cfg: QTuneConfig, sources: list[tuple[ingest.Source, str | None]]) -> ScoringPlan:
+    """Partition every source; an unreadable one is reported (or fatal under input.strict)."""
+    partitions: list[dict[str, Any]] = []
+    source_rows: dict[str, int] = {}
+    unreadable: list[dict[str, str]] = []
+    for source, fmt in sources:
+        try:
+            planned = ingest.plan_source(
+                source, fmt, len(partitions), cfg.input.partition_rows, cfg.input.split
+            )
+        except ingest.InputError as e:
+            if cfg.input.strict:
+                raise
+            logger.error("skipping unreadable input %s (input.strict is off)", e)
+            unreadable.append({"path": source.path, "error": str(e)})
+            continue
+        source_rows[source.path] = sum(p.row_count for p in planned)
+        partitions += [p.to_dict() for p in planned]
+    model_path = str(Path(cfg.model.path).absolute())
+    input_key = input_fingerprint([s.path for s, _ in sources])
+    return ScoringPlan(
+        partitions=partitions,
+        fingerprint=scoring_fingerprint(cfg, model_path, input_key),
+        source_rows=source_rows,
+        unreadable=unreadable,
+    )
 
 
 def init_ray(cfg: QTuneConfig) -> bool:
@@ -157,53 +237,64 @@ def _scoring_resources(cfg: QTuneConfig) -> dict:
     }
 
 
+def configure_ray_data() -> None:
+    """Ray Data settings the scoring pipeline relies on (the driver's context, set per run)."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = sys.stderr.isatty()
+    # A partition travels as one block: never sliced into pieces (scores are then computed in
+    # the same windows whatever the data sizes, and each partition completes in one fragment).
+    context.target_max_block_size = None
+    # A stage's own exception (e.g. ScoringSetupError) reaches the driver as itself.
+    context.raise_original_map_exception = True
+
+
+def _descriptors(partitions: list[dict[str, Any]]) -> list[dict[str, str]]:
+    # One JSON string per item: Arrow would otherwise infer a different schema per block.
+    return [{"partition": json.dumps(p, sort_keys=True)} for p in partitions]
+
+
 def build_score_dataset(
-    cfg: QTuneConfig,
-    sources: list[tuple[ingest.Source, str]],
-    scores_dir: Path,
-    rejects_dir: Path,
+    cfg: QTuneConfig, partitions: list[dict[str, Any]], fragments_dir: Path
 ) -> ray.data.Dataset:
-    """The streaming Ray Data plan: read -> tokenize (tasks) -> score (actors) -> write (tasks)."""
+    """The streaming Ray Data plan: read + tokenize (one task per partition) -> score (actors)
+    -> write (tasks). Each partition travels as one block, in row order."""
     import ray.data
 
     chat_template = resolve_chat_template(cfg.model.chat_template)
     model_path = str(Path(cfg.model.path).absolute())
-    items = [
-        {"path": str(Path(s.path).absolute()), "kind": s.kind, "format": f} for s, f in sources
-    ]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ray.data.from_items(_descriptors(partitions), override_num_blocks=len(partitions))
     ds = ds.map_batches(
-        ingest.ReadSources(cfg.input.batch_rows, cfg.input.split),
+        ingest.ReadPartitions(cfg.input.batch_rows, cfg.input.split),
         batch_size=1,
         batch_format="pyarrow",
     )
     ds = ds.map_batches(
         Tokenize(model_path, cfg.model.max_length, chat_template, cfg.model.overlength),
-        batch_size=cfg.input.batch_rows,
+        batch_size=None,
         batch_format="pyarrow",
         udf_modifying_row_count=False,
     )
-    return score_and_write(ds, cfg, model_path, scores_dir, rejects_dir)
+    return score_and_write(ds, cfg, model_path, fragments_dir)
 
 
 def build_rescore_dataset(
-    cfg: QTuneConfig,
-    cache_files: list[Path],
-    model_path: str,
-    scores_dir: Path,
-    rejects_dir: Path,
+    cfg: QTuneConfig, partitions: list[dict[str, Any]], model_path: str, fragments_dir: Path
 ) -> ray.data.Dataset:
-    """Re-score a scored cache's token ids with another model: read -> score -> write."""
+    """Re-score scored-cache parts' token ids with another model: read -> score -> write."""
     import ray.data
 
-    files = [{"path": str(f)} for f in cache_files]
-    ds = ray.data.from_items(files, override_num_blocks=len(files))
+    ds = ray.data.from_items(
+        [{"path": p["path"], "index": p["index"]} for p in partitions],
+        override_num_blocks=len(partitions),
+    )
     ds = ds.map_batches(ReadScoredCache(), batch_size=1, batch_format="pyarrow")
-    return score_and_write(ds, cfg, model_path, scores_dir, rejects_dir)
+    return score_and_write(ds, cfg, model_path, fragments_dir)
 
 
 def score_and_write(
-    ds: ray.data.Dataset, cfg: QTuneConfig, model_path: str, scores_dir: Path, rejects_dir: Path
+    ds: ray.data.Dataset, cfg: QTuneConfig, model_path: str, fragments_dir: Path
 ) -> ray.data.Dataset:
     """The scoring actor pool and the writer, shared by scoring and re-scoring."""
     with warnings.catch_warnings():
@@ -211,32 +302,107 @@ def score_and_write(
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*is deprecated")
         ds = ds.map_batches(
             Score,
-            fn_constructor_args=(cfg.scoring.backend, scoring_options(cfg, model_path)),
-            batch_size=cfg.scoring.batch_size,
+            fn_constructor_args=(
+                cfg.scoring.backend,
+                scoring_options(cfg, model_path),
+                cfg.scoring.batch_size,
+            ),
+            batch_size=None,
             batch_format="pyarrow",
             udf_modifying_row_count=False,
             **_scoring_resources(cfg),
         )
-    return ds.map_batches(
-        WriteScores(str(scores_dir), str(rejects_dir)),
-        batch_size=WRITE_BATCH_ROWS,
-        batch_format="pyarrow",
-    )
+    return ds.map_batches(WriteScores(str(fragments_dir)), batch_size=None, batch_format="pyarrow")
 
 
-def run_score(cfg: QTuneConfig, epoch: int = 0) -> ScoreSummary:
-    """Score the configured corpus into ``scores/epoch_NNN`` (+ ``rejects/epoch_NNN``)."""
-    sources = preflight(cfg)
-    model_path = str(Path(cfg.model.path).absolute())
-    summary = execute_scoring(
-        cfg,
-        epoch,
-        model_path,
-        lambda scores, rejects: build_score_dataset(cfg, sources, scores, rejects),
-        n_sources=len(sources),
-    )
-    if summary.rows == 0:
-        raise PipelineError(f"input {cfg.input.path!r} has no rows")
+def _raw_text_reader(split: str) -> RawTextReader:
+    def read(partition: dict[str, Any], rows: list[int]) -> dict[int, str]:
+        return ingest.raw_texts(ingest.Partition.from_dict(partition), rows, split)
+
+    return read
+
+
+def check_output_dir(
+    layout: OutputLayout, plan: ScoringPlan, epoch: int = 0
+) -> ScoreSummary | None:
+    """The complete scored cache already in the output dir for this plan, if any.
+
+    Raises PipelineError when the directory holds another corpus's results, or this corpus
+    scored with another model or settings (``--restart`` discards them).
+    """
+    summary_path = layout.score_summary(epoch)
+    if not summary_path.is_file():
+        return None
+    existing = ScoreSummary.from_json(summary_path.read_text())
+    old = existing.fingerprint or {"input": "unknown (written by an older qtune)"}
+    if old.get("input") != plan.fingerprint["input"]:
+        raise PipelineError(
+            f"output.dir {layout.root} holds the results of a different corpus; set output.dir "
+            "to a new directory, or re-run with --restart to discard what is there"
+        )
+    if old != plan.fingerprint:
+        changed = ", ".join(changed_parts(old, plan.fingerprint))
+        raise PipelineError(
+            f"output.dir {layout.root} holds scores of this corpus made with a different "
+            f"{changed}; re-run with --restart to re-score (it discards every version there), "
+            "or set output.dir to a new directory"
+        )
+    existing.reused = True
+    existing.seconds = 0.0
+    return existing
+
+
+def discard_outputs(layout: OutputLayout) -> None:
+    """``--restart``: remove everything qtune wrote into the output dir (never the input)."""
+    for path in layout.derived_paths():
+        logger.warning("--restart: removing %s", path)
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def run_score(cfg: QTuneConfig, epoch: int = 0, restart: bool = False) -> ScoreSummary:
+    """Score the configured corpus into ``scores/epoch_NNN`` (+ ``rejects/epoch_NNN``).
+
+    Resumes an interrupted run of the same command; re-uses a complete cache for the same
+    input, model and settings.
+    """
+    layout = OutputLayout(Path(cfg.output.dir))
+    with OutputLock(layout.lock_file, "qtune score"):
+        if restart:
+            discard_outputs(layout)
+        sources = preflight(cfg)
+        plan = plan_input(cfg, sources)
+        if not plan.partitions:
+            if plan.unreadable:
+                names = "; ".join(u["error"] for u in plan.unreadable[:3])
+                raise PipelineError(f"no input file could be read: {names}")
+            raise PipelineError(f"input.path {cfg.input.path!r} holds no rows (empty input)")
+        existing = check_output_dir(layout, plan, epoch)
+        if existing is not None:
+            logger.info(
+                "%s is already scored for this input, model and settings; re-using it "
+                "(--restart to score again)",
+                existing.scores_dir,
+            )
+            return existing
+        model_path = str(Path(cfg.model.path).absolute())
+        summary = execute_scoring(
+            cfg,
+            epoch,
+            model_path,
+            plan,
+            lambda pending, fragments: build_score_dataset(cfg, pending, fragments),
+            n_sources=len(sources),
+            raw_text=_raw_text_reader(cfg.input.split),
+        )
+    if summary.scored == 0:
+        top = ", ".join(f"{r} ({n:,})" for r, n in list(summary.reasons.items())[:3])
+        raise PipelineError(
+            f"every one of the {summary.rows:,} input rows was rejected (top reasons: {top}); "
+            f"see {summary.rejects_dir}"
+        )
     return summary
 
 
@@ -244,92 +410,99 @@ def execute_scoring(
     cfg: QTuneConfig,
     epoch: int,
     model_path: str,
-    build: Callable[[Path, Path], ray.data.Dataset],
+    plan: ScoringPlan,
+    build: Callable[[list[dict[str, Any]], Path], ray.data.Dataset],
     *,
     n_sources: int,
+    raw_text: RawTextReader | None = None,
     carried_rejects: Path | None = None,
     extra: dict | None = None,
+    restart: bool = False,
 ) -> ScoreSummary:
-    """Run a scoring plan into staging, then publish ``scores/`` and ``rejects/`` of ``epoch``.
+    """Score the plan's unfinished partitions, finish, publish ``scores/`` and ``rejects/``.
 
-    ``carried_rejects``: a previous epoch's rejects, copied in (re-scoring never sees those rows,
-    yet every version must account for every input row).
+    ``raw_text``: reads original rows, to move repeated sample_ids to rejects (first scoring
+    only). ``carried_rejects``: a previous epoch's rejects, copied in (re-scoring never sees
+    those rows, yet every version must account for every input row).
     """
     import ray
     import ray.data
 
     started = time.perf_counter()
     layout = OutputLayout(Path(cfg.output.dir))
-    staging = layout.new_staging_dir(f"score-{epoch:03d}")
-    staged_scores, staged_rejects = staging / "scores", staging / "rejects"
-    staged_scores.mkdir()
-    staged_rejects.mkdir()
-    we_started_ray = init_ray(cfg)
-    try:
-        if cfg.scoring.backend == "vllm":
-            on_cpu = not ray.cluster_resources().get("GPU", 0)
-            check_vllm_can_serve(model_path, on_cpu)
-        ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
-        stats = list(
-            build(staged_scores, staged_rejects).iter_batches(
-                batch_size=None, batch_format="pyarrow"
-            )
-        )
-        summary = summarise(
-            pa.concat_tables(stats) if stats else STATS_SCHEMA.empty_table(),
-            layout,
-            epoch,
-            n_sources,
-        )
-        carried_parts = sorted(carried_rejects.glob("*.parquet")) if carried_rejects else []
-        if carried_parts:
-            for part in carried_parts:
-                shutil.copy2(part, staged_rejects / part.name)
-            carried = pa.concat_tables(
-                [pq.read_table(part, columns=[schema.REASON]) for part in carried_parts]
-            )
-            summary.rejected += carried.num_rows
-            summary.rows += carried.num_rows
-            for reason in carried.column(schema.REASON).to_pylist():
-                summary.reasons[reason] = summary.reasons.get(reason, 0) + 1
-    except BaseException:
-        layout.remove_staging_dir(staging)
-        raise
-    finally:
-        if we_started_ray:
-            ray.shutdown()
-    summary.seconds = time.perf_counter() - started
-    summary.backend = cfg.scoring.backend
-    summary.model_path = model_path
-    summary.model_fingerprint = model_fingerprint(model_path)
-    summary.extra = extra or {}
-    (staged_scores / SCORE_CONFIG).write_text(cfg.to_json())
-    (staged_scores / SCORE_SUMMARY).write_text(summary.to_json())
-    publish_dir(staged_scores, layout.scores_dir(epoch))
-    publish_dir(staged_rejects, layout.rejects_dir(epoch))
-    layout.remove_staging_dir(staging)
+    state = ScoringState(layout.scoring_state(epoch), plan)
+    state.open(restart=restart)
+    if state.finalized:
+        summary = ScoreSummary.from_json((state.layout.scores / SCORE_SUMMARY).read_text())
+    else:
+        pending = state.pending()
+        if pending:
+            we_started_ray = init_ray(cfg)
+            try:
+                if cfg.scoring.backend == "vllm":
+                    on_cpu = not ray.cluster_resources().get("GPU", 0)
+                    check_vllm_can_serve(model_path, on_cpu)
+                configure_ray_data()
+                try:
+                    for fragments in build(pending, state.layout.fragments).iter_batches(
+                        batch_size=None, batch_format="pyarrow"
+                    ):
+                        state.record(fragments)
+                except ray.exceptions.RayActorError as e:
+                    raise PipelineError(
+                        f"a scoring worker died {cfg.scoring.max_restarts + 1} times "
+                        f"(scoring.max_restarts = {cfg.scoring.max_restarts}): "
+                        f"{str(e).strip().splitlines()[0]}. The {len(state.done_partitions())} "
+                        "finished partitions are kept: re-running the same command resumes."
+                    ) from e
+            finally:
+                if we_started_ray:
+                    ray.shutdown()
+        state.check_complete()
+        fault_point("score.before_finalize")
+        if raw_text is not None:
+            state.deduplicate(raw_text)
+        carried = sorted(carried_rejects.glob("*.parquet")) if carried_rejects else []
+        summary = summarise(state.totals(), layout, epoch, n_sources, carried)
+        summary.seconds = time.perf_counter() - started
+        summary.backend = cfg.scoring.backend
+        summary.model_path = model_path
+        summary.model_fingerprint = plan.fingerprint.get("model") or model_fingerprint(model_path)
+        summary.partitions = len(plan.partitions)
+        summary.resumed_partitions = state.resumed
+        summary.source_rows = plan.source_rows
+        summary.unreadable_sources = plan.unreadable
+        summary.fingerprint = plan.fingerprint
+        summary.extra = extra or {}
+        state.finalize(summary.to_json(), cfg.to_json(), carried)
+    state.publish(layout.rejects_dir(epoch), layout.scores_dir(epoch))
+    layout.remove_staging_dir(state.layout.root)
+    fault_point("score.published")
     return summary
 
 
-def summarise(stats: pa.Table, layout: OutputLayout, epoch: int, n_sources: int) -> ScoreSummary:
-    totals = {
-        name: sum(stats.column(name).to_pylist())
-        for name in STATS_SCHEMA.names
-        if name != "reasons"
-    }
-    reasons: dict[str, int] = {}
-    for text in stats.column("reasons").to_pylist():
-        for reason, count in json.loads(text).items():
-            reasons[reason] = reasons.get(reason, 0) + count
+def summarise(
+    totals: dict[str, Any],
+    layout: OutputLayout,
+    epoch: int,
+    n_sources: int,
+    carried_rejects: list[Path],
+) -> ScoreSummary:
+    reasons = totals["reasons"].copy()
+    carried = 0
+    for part in carried_rejects:
+        column = pq.read_table(part, columns=[schema.REASON]).column(schema.REASON)
+        reasons.update(column.to_pylist())
+        carried += len(column)
     scored = totals["scored"]
     return ScoreSummary(
         output_dir=str(layout.root),
         scores_dir=str(layout.scores_dir(epoch)),
         rejects_dir=str(layout.rejects_dir(epoch)),
         sources=n_sources,
-        rows=totals["rows"],
+        rows=totals["rows"] + carried,
         scored=scored,
-        rejected=totals["rejected"],
+        rejected=totals["rejected"] + carried,
         truncated=totals["truncated"],
         tokens=totals["tokens"],
         response_tokens=totals["response_tokens"],

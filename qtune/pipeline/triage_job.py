@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,10 +22,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from qtune import schema
+from qtune.faults import fault_point
 from qtune.pipeline.config import QTuneConfig
+from qtune.pipeline.errors import PipelineError
 from qtune.pipeline.layout import OutputLayout, epoch_name
+from qtune.pipeline.lock import OutputLock
 from qtune.pipeline.publish import MANIFEST, publish_version, sha256_text
-from qtune.pipeline.score_job import PipelineError
 from qtune.schema import DropReason
 from qtune.stages.shards import ShardWriter, build_shard_rows, file_sha256, stamp_files
 from qtune.stages.token_prune import prune_loss_mask
@@ -69,6 +72,8 @@ class TriageSummary:
     quadrants: dict = field(default_factory=dict)
     thresholds: dict = field(default_factory=dict)
     migration: dict | None = None
+    per_source: dict[str, dict[str, int]] = field(default_factory=dict)
+    unreadable_sources: list[dict[str, str]] = field(default_factory=list)
     files: int = 0
     seconds: float = 0.0
     timings: dict = field(default_factory=dict)
@@ -77,10 +82,56 @@ class TriageSummary:
         return asdict(self)
 
 
-def _count_rows(directory: Path) -> int:
+def _rejects_by_source(directory: Path) -> dict[str, int]:
     if not directory.is_dir():
-        return 0
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in directory.glob("*.parquet"))
+        return {}
+    counts: dict[str, int] = {}
+    for part in sorted(directory.glob("*.parquet")):
+        for source, n in Counter(
+            pq.read_table(part, columns=[schema.SOURCE]).column(schema.SOURCE).to_pylist()
+        ).items():
+            counts[source] = counts.get(source, 0) + n
+    return counts
+
+
+def source_accounting(
+    source_rows: dict[str, int], stats: pa.Table, kept: np.ndarray, rejected: dict[str, int]
+) -> dict[str, dict[str, int]]:
+    """Per input file: input rows (from the plan) against kept + dropped + rejected."""
+    frame = (
+        pl.DataFrame({"source": stats.column(schema.SOURCE).to_pylist(), "kept": kept})
+        .group_by("source")
+        .agg(pl.col("kept").sum().alias("kept"), pl.len().alias("scored"))
+    )
+    scored = {row["source"]: row for row in frame.iter_rows(named=True)}
+    table = {}
+    for source in sorted(source_rows.keys() | scored.keys() | rejected.keys()):
+        n_kept = int(scored.get(source, {}).get("kept", 0))
+        n_scored = int(scored.get(source, {}).get("scored", 0))
+        table[source] = {
+            "input_rows": int(source_rows.get(source, 0)),
+            "kept": n_kept,
+            "dropped": n_scored - n_kept,
+            "rejected": int(rejected.get(source, 0)),
+        }
+    return table
+
+
+def accounting_problems(counts: dict, per_source: dict[str, dict[str, int]] | None) -> list[str]:
+    """Every way the row accounting fails to add up (empty when it does)."""
+    problems = []
+    if counts["kept"] + counts["dropped"] + counts["rejected"] != counts["input_rows"]:
+        problems.append(
+            f"kept {counts['kept']} + dropped {counts['dropped']} + rejected "
+            f"{counts['rejected']} != input rows {counts['input_rows']}"
+        )
+    for source, c in (per_source or {}).items():
+        if c["kept"] + c["dropped"] + c["rejected"] != c["input_rows"]:
+            problems.append(
+                f"{source}: kept {c['kept']} + dropped {c['dropped']} + rejected "
+                f"{c['rejected']} != input rows {c['input_rows']}"
+            )
+    return problems
 
 
 def _quadrant_table(stats: pa.Table, decisions: Decisions, kept_loss: np.ndarray) -> dict:
@@ -169,13 +220,19 @@ def run_triage(
 ) -> TriageSummary:
     """Triage the scored cache of ``epoch`` (default: the newest) and publish ``data/epoch_NNN``
     into ``out_dir`` (default: ``output.dir``)."""
+    target = OutputLayout(Path(out_dir) if out_dir else Path(cfg.output.dir))
+    with OutputLock(target.lock_file, "qtune triage"):
+        target.remove_stale_staging("triage-")
+        return _triage(cfg, epoch, target)
+
+
+def _triage(cfg: QTuneConfig, epoch: int | None, target: OutputLayout) -> TriageSummary:
     started = time.perf_counter()
     timings: dict[str, float] = {}
     source = OutputLayout(Path(cfg.output.dir))
     if epoch is None:
         scored = source.scored_epochs()
         epoch = scored[-1] if scored else 0
-    target = OutputLayout(Path(out_dir) if out_dir else Path(cfg.output.dir))
     scores_dir = source.scores_dir(epoch)
     files = sorted(scores_dir.glob("*.parquet")) if scores_dir.is_dir() else []
     if not files:
@@ -274,7 +331,8 @@ def run_triage(
         pq.write_table(dropped, staging / "dropped.parquet", compression="zstd")
         timings["prune_write_s"] = time.perf_counter() - tick
 
-        rejected = _count_rows(source.rejects_dir(epoch))
+        rejected_by_source = _rejects_by_source(source.rejects_dir(epoch))
+        rejected = sum(rejected_by_source.values())
         counts = {
             "input_rows": int(score_summary["rows"]),
             "scored": len(decisions.kept),
@@ -284,11 +342,13 @@ def run_triage(
             "response_tokens": int(stats.column(schema.N_RESPONSE_TOKENS).to_numpy().sum()),
             "kept_loss_tokens": int(kept_loss.sum()),
         }
-        if counts["kept"] + counts["dropped"] + counts["rejected"] != counts["input_rows"]:
-            raise PipelineError(
-                f"row accounting does not add up: kept {counts['kept']} + dropped "
-                f"{counts['dropped']} + rejected {rejected} != input rows {counts['input_rows']}"
-            )
+        source_rows = score_summary.get("source_rows")
+        if source_rows:
+            per_source = source_accounting(source_rows, stats, decisions.kept, rejected_by_source)
+            counts["per_source"] = per_source
+        problems = accounting_problems(counts, counts.get("per_source"))
+        if problems:
+            raise PipelineError("row accounting does not add up: " + "; ".join(problems))
         quadrants = _quadrant_table(stats, decisions, kept_loss)
         migration = migration_from_parent(target, epoch - 1, stats, decisions) if epoch else None
         timings["total_s"] = time.perf_counter() - started
@@ -314,6 +374,7 @@ def run_triage(
                 "sha256": file_sha256(staging / "dropped.parquet"),
             },
             "counts": counts,
+            "unreadable_sources": score_summary.get("unreadable_sources", []),
             "quadrants": quadrants,
             "thresholds": decisions.thresholds,
             "qtuning": q.model_dump(mode="json"),
@@ -328,6 +389,7 @@ def run_triage(
             "scores": {"dir": str(scores_dir), "summary": score_summary},
             "timings": timings,
         }
+        fault_point("triage.staged")
         version_dir = publish_version(target, epoch, staging, manifest)
     finally:
         target.remove_staging_dir(staging)
@@ -346,6 +408,8 @@ def run_triage(
         quadrants=quadrants,
         thresholds=decisions.thresholds,
         migration=migration,
+        per_source=counts.get("per_source", {}),
+        unreadable_sources=score_summary.get("unreadable_sources", []),
         files=len(shard_files),
         seconds=time.perf_counter() - started,
         timings=timings,

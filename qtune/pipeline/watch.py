@@ -14,8 +14,8 @@ Exactly once, across restarts and ``kill -9``:
 - a watcher killed after the rescore published but before the state was written is covered by
   ``already_published(checkpoint) -> epoch | None``, asked before every rescore: a checkpoint
   already published is marked done without running again;
-- a lock file next to the state (owner pid and host, created with ``O_CREAT | O_EXCL``) keeps two
-  watchers off one state file; a lock whose pid is no longer alive on this host is taken over.
+- an :class:`~qtune.pipeline.lock.OutputLock` on ``<state file>.lock`` keeps two watcher
+  processes off one state file; a lock left by a watcher that died is taken over.
 """
 
 from __future__ import annotations
@@ -25,17 +25,16 @@ import logging
 import os
 import re
 import signal
-import socket
 import time
-import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from qtune.pipeline.lock import OutputLock, OutputLockedError
 from qtune.pipeline.publish import write_atomic
 
 logger = logging.getLogger(__name__)
@@ -53,7 +52,7 @@ class WatchError(RuntimeError):
 
 
 class WatchLockError(WatchError):
-    """Another watcher holds the state file's lock."""
+    """Another watcher holds the state file's lock (chained from ``OutputLockedError``)."""
 
 
 class StopRequested(KeyboardInterrupt):
@@ -156,130 +155,6 @@ class WatchState:
         return max((checkpoint_step(name) or 0 for name in self.done), default=-1)
 
 
-class StateLock:
-    """An exclusive lock file next to the state: ``{"pid", "host", "token", "since"}``.
-
-    Created with ``O_CREAT | O_EXCL``. A lock whose pid is not alive on this host (its watcher was
-    killed) is taken over; a live one, or one from another host (whose pid cannot be checked from
-    here), refuses with the owner named. Re-entrant within one object.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._owner: dict[str, Any] | None = None
-        self._depth = 0
-
-    @property
-    def is_held(self) -> bool:
-        return self._depth > 0
-
-    @contextmanager
-    def held(self) -> Iterator[None]:
-        if self._depth == 0:
-            self.acquire()
-        self._depth += 1
-        try:
-            yield
-        finally:
-            self._depth -= 1
-            if self._depth == 0:
-                self.release()
-
-    def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        owner = {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "token": uuid.uuid4().hex,
-            "since": _now(),
-        }
-        for _ in range(5):  # each retry follows a stale lock removed, or a lock that vanished
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                held = self._read()
-                if held is not None and self._is_stale(held):
-                    self._take_over(held)
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps(owner) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            self._owner = owner
-            return
-        raise WatchLockError(
-            f"could not take the watch lock {self.path}: other watchers keep taking it"
-        )
-
-    def release(self) -> None:
-        if self._owner is None:
-            return
-        held = self._read()
-        if held is not None and held.get("token") == self._owner["token"]:
-            self.path.unlink(missing_ok=True)
-        else:
-            logger.warning("watch lock %s is no longer ours (%s); left in place", self.path, held)
-        self._owner = None
-
-    def _read(self) -> dict[str, Any] | None:
-        """The lock's owner, None if the lock vanished; a live lock that cannot be read refuses."""
-        try:
-            text = self.path.read_text()
-        except FileNotFoundError:
-            return None
-        try:
-            held = json.loads(text)
-            int(held["pid"]), str(held["host"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise WatchLockError(
-                f"watch lock {self.path} is unreadable ({text!r}): a watcher may be starting. "
-                f"If no watcher runs on this state, delete the lock file"
-            ) from e
-        return held
-
-    def _is_stale(self, held: dict[str, Any]) -> bool:
-        pid, host = int(held["pid"]), str(held["host"])
-        if host != socket.gethostname():
-            raise WatchLockError(
-                f"another watcher holds {self.path}: pid {pid} on host {host} since "
-                f"{held.get('since')} (a process on another host cannot be checked from here; if "
-                f"it is gone, delete the lock file)"
-            )
-        if _pid_alive(pid):
-            raise WatchLockError(
-                f"another watcher holds {self.path}: pid {pid} on this host ({host}) since "
-                f"{held.get('since')}; stop it first (if pid {pid} is not a qtune watcher, its "
-                f"pid was reused after a kill: delete the lock file)"
-            )
-        return True
-
-    def _take_over(self, stale: dict[str, Any]) -> None:
-        # Move the stale lock aside (one rename; of two watchers taking over, one wins), then check
-        # that what moved is the lock judged stale and not a fresh one taken in between.
-        aside = self.path.with_name(f"{self.path.name}.stale-{uuid.uuid4().hex[:8]}")
-        try:
-            os.rename(self.path, aside)
-        except FileNotFoundError:
-            return  # another watcher removed it first; retry the exclusive create
-        try:
-            moved = json.loads(aside.read_text())
-        except (OSError, json.JSONDecodeError):
-            moved = None
-        if moved == stale:
-            logger.warning(
-                "taking over the watch lock of pid %s on %s (not running since %s)",
-                stale["pid"],
-                stale["host"],
-                stale.get("since"),
-            )
-        else:
-            try:
-                os.link(aside, self.path)  # put a fresh lock back unless another took its place
-            except FileExistsError:
-                pass
-        aside.unlink(missing_ok=True)
-
-
 class Watcher:
     """Poll ``checkpoints_dir`` and call ``rescore`` for each new complete checkpoint, once each.
 
@@ -287,7 +162,9 @@ class Watcher:
     atomically. ``is_complete(checkpoint)`` says a trainer has finished writing it (default:
     ``qtune.pipeline.checkpoints.is_complete``). ``already_published(checkpoint)`` returns the
     epoch a previous rescore published for it, if any. ``fingerprint(checkpoint)`` is recorded
-    with the epoch in the state. The state file's lock is held while ``run_once`` or ``run`` runs.
+    with the epoch in the state. The state file's lock (``lock_file``) is held while ``run_once``
+    or ``run`` runs; like every :class:`OutputLock` it is re-entrant per process, so it keeps
+    other processes out, not a second ``Watcher`` on the same state in this process.
     """
 
     def __init__(
@@ -316,7 +193,8 @@ class Watcher:
         self.fingerprint = fingerprint
         self.poll_seconds = poll_seconds
         self.state = WatchState(checkpoints_dir=str(self.checkpoints_dir))
-        self._lock = StateLock(self.state_file.with_name(self.state_file.name + ".lock"))
+        self.lock_file = self.state_file.with_name(self.state_file.name + ".lock")
+        self._depth = 0  # nesting of _held(): run() holds the lock around each run_once()
         self._stop_signal: int | None = None
         self._stop_requested = False
         self._current: str | None = None
@@ -427,12 +305,19 @@ class Watcher:
     @contextmanager
     def _held(self) -> Iterator[None]:
         """Hold the lock; on first entry read the state from disk and settle ``in_progress``."""
-        outermost = not self._lock.is_held
-        with self._lock.held():
-            if outermost:
+        with ExitStack() as stack:
+            if self._depth == 0:
+                try:
+                    stack.enter_context(OutputLock(self.lock_file, "qtune watch"))
+                except OutputLockedError as e:  # only taking it: the rescore's own lock errors pass
+                    raise WatchLockError(f"cannot watch with state {self.state_file}: {e}") from e
                 self.state = WatchState.load(self.state_file, self.checkpoints_dir)
                 self._settle_in_progress()
-            yield
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
 
     def _settle_in_progress(self) -> None:
         name = self.state.in_progress
@@ -668,13 +553,3 @@ def watch_main(
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by another user
-    return True

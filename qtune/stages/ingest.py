@@ -132,74 +132,78 @@ def _inside_saved_dataset(child: Path, root: Path) -> bool:
     return any(_is_saved_dataset(parent) for parent in child.parents if parent != root.parent)
 
 
-# --- reading raw rows -----------------------------------------------------------------------------
-# Each reader yields lists of (row_index, value, raw_text_or_None, error_or_None).
+# --- partitions ---------------------------------------------------------------------------------
+# A partition is a run of consecutive rows of one source: the unit that is read, scored,
+# checkpointed and resumed. Planning reads no row content: JSONL is scanned for line offsets,
+# Parquet and saved datasets give row counts from metadata, a JSON array is parsed once.
 
-RawRow = tuple[int, Any, str | None, RowError | None]
+
+@dataclass(frozen=True)
+class Partition:
+    index: int  # position in the plan: partitions are numbered across sources in source order
+    source: str
+    kind: str
+    format: str | None  # resolved row format; None: undetectable, every row is rejected
+    row_start: int
+    row_count: int
+    byte_offset: int = 0  # JSONL: where row ``row_start``'s line begins
+    row_groups: tuple[int, ...] = ()  # Parquet: the row groups holding these rows
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "row_groups": list(self.row_groups)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Partition:
+        return cls(**{**data, "row_groups": tuple(data.get("row_groups", ()))})
 
 
-def _iter_jsonl(path: str, batch_rows: int) -> Iterator[list[RawRow]]:
-    batch: list[RawRow] = []
+@dataclass(frozen=True)
+class UnreadableSource:
+    """A source that could not be opened at all: reported, and skipped unless strict."""
+
+    path: str
+    error: str
+
+
+def _jsonl_partitions(path: str, rows_per_partition: int) -> list[tuple[int, int, int]]:
+    """(row_start, row_count, byte_offset) per partition; blank lines are not rows."""
+    spans: list[tuple[int, int, int]] = []
+    rows = 0
+    offset = 0
+    start_offset = 0
     with open(path, "rb") as f:
-        index = 0
         for line in f:
-            stripped = line.strip()
-            if not stripped:
-                continue  # blank lines are not rows
-            try:
-                text = stripped.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raw = stripped.decode("utf-8", errors="replace")
-                batch.append((index, None, raw, RowError(RejectReason.INVALID_UTF8, str(e))))
-            else:
-                try:
-                    batch.append((index, json.loads(text), text, None))
-                except json.JSONDecodeError as e:
-                    batch.append((index, None, text, RowError(RejectReason.INVALID_JSON, str(e))))
-            index += 1
-            if len(batch) >= batch_rows:
-                yield batch
-                batch = []
-    if batch:
-        yield batch
+            if line.strip():
+                if rows % rows_per_partition == 0:
+                    if rows:
+                        spans.append((rows - rows_per_partition, rows_per_partition, start_offset))
+                    start_offset = offset
+                rows += 1
+            offset += len(line)
+    if rows:
+        last = (rows - 1) // rows_per_partition * rows_per_partition
+        spans.append((last, rows - last, start_offset))
+    return spans
 
 
-def _iter_json(path: str, batch_rows: int) -> Iterator[list[RawRow]]:
-    # A JSON array is parsed whole (json has no streaming parser); use JSONL for large corpora.
+def _json_array_rows(path: str) -> list[Any] | None:
+    """The rows of a JSON-array file, or None when the file holds JSON lines instead."""
     with open(path, "rb") as f:
         data = f.read()
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise InputError(f"{path}: not valid UTF-8 ({e})") from e
-    stripped = text.lstrip()
-    if not stripped.startswith("["):
-        # A .json file holding JSON lines is common; read it as such.
-        yield from _iter_jsonl(path, batch_rows)
-        return
+    if not text.lstrip().startswith("["):
+        return None
     try:
         rows = json.loads(text)
     except json.JSONDecodeError as e:
         raise InputError(f"{path}: invalid JSON array ({e})") from e
-    for start in range(0, len(rows), batch_rows):
-        yield [
-            (start + i, row, None, None) for i, row in enumerate(rows[start : start + batch_rows])
-        ]
+    return rows
 
 
-def _iter_parquet(path: str, batch_rows: int) -> Iterator[list[RawRow]]:
-    try:
-        parquet = pq.ParquetFile(path)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise InputError(f"{path}: unreadable Parquet file ({e})") from e
-    index = 0
-    for record_batch in parquet.iter_batches(batch_size=batch_rows):
-        rows = record_batch.to_pylist()
-        yield [(index + i, row, None, None) for i, row in enumerate(rows)]
-        index += len(rows)
-
-
-def _iter_hf_dataset(path: str, batch_rows: int, split: str) -> Iterator[list[RawRow]]:
+def _load_saved_dataset(path: str, split: str):
     import datasets
 
     try:
@@ -210,23 +214,135 @@ def _iter_hf_dataset(path: str, batch_rows: int, split: str) -> Iterator[list[Ra
         if split not in loaded:
             raise InputError(f"{path}: no split {split!r} (has: {', '.join(loaded)})")
         loaded = loaded[split]
-    index = 0
-    for table in loaded.with_format("arrow").iter(batch_size=batch_rows):
-        rows = table.to_pylist()
-        yield [(index + i, row, None, None) for i, row in enumerate(rows)]
-        index += len(rows)
+    return loaded
 
 
-def iter_raw_rows(source: Source, batch_rows: int, split: str = "train") -> Iterator[list[RawRow]]:
-    if source.kind == "jsonl":
-        return _iter_jsonl(source.path, batch_rows)
-    if source.kind == "json":
-        return _iter_json(source.path, batch_rows)
-    if source.kind == "parquet":
-        return _iter_parquet(source.path, batch_rows)
-    if source.kind == "hf_dataset":
-        return _iter_hf_dataset(source.path, batch_rows, split)
+def plan_source(
+    source: Source, fmt: str | None, first_index: int, rows_per_partition: int, split: str = "train"
+) -> list[Partition]:
+    """Split one source into partitions numbered from ``first_index``. Raises InputError."""
+
+    def make(i: int, row_start: int, row_count: int, **extra: Any) -> Partition:
+        return Partition(
+            first_index + i, source.path, source.kind, fmt, row_start, row_count, **extra
+        )
+
+    try:
+        if source.kind == "json":
+            rows = _json_array_rows(source.path)
+            if rows is not None:
+                # json has no streaming parser: an array is one partition (use JSONL at scale).
+                return [make(0, 0, len(rows))] if rows else []
+        if source.kind in ("jsonl", "json"):
+            spans = _jsonl_partitions(source.path, rows_per_partition)
+            return [make(i, a, n, byte_offset=o) for i, (a, n, o) in enumerate(spans)]
+        if source.kind == "parquet":
+            try:
+                metadata = pq.ParquetFile(source.path).metadata
+            except (pa.ArrowInvalid, OSError) as e:
+                raise InputError(f"{source.path}: unreadable Parquet file ({e})") from e
+            partitions: list[Partition] = []
+            groups: list[int] = []
+            row_start = rows = 0
+            for group in range(metadata.num_row_groups):
+                groups.append(group)
+                rows += metadata.row_group(group).num_rows
+                if rows >= rows_per_partition or group == metadata.num_row_groups - 1:
+                    if rows:
+                        partitions.append(
+                            make(len(partitions), row_start, rows, row_groups=tuple(groups))
+                        )
+                    row_start, rows, groups = row_start + rows, 0, []
+            return partitions
+        if source.kind == "hf_dataset":
+            total = len(_load_saved_dataset(source.path, split))
+            return [
+                make(i, start, min(rows_per_partition, total - start))
+                for i, start in enumerate(range(0, total, rows_per_partition))
+            ]
+    except OSError as e:
+        raise InputError(f"{source.path}: cannot read ({e})") from e
     raise InputError(f"unknown source kind {source.kind!r}")
+
+
+# --- reading raw rows -----------------------------------------------------------------------------
+# Each reader yields lists of (row_index, value, raw_text_or_None, error_or_None) for the rows of
+# one partition, in order.
+
+RawRow = tuple[int, Any, str | None, RowError | None]
+
+
+def _jsonl_row(index: int, line: bytes) -> RawRow:
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raw = line.decode("utf-8", errors="replace")
+        return (index, None, raw, RowError(RejectReason.INVALID_UTF8, str(e)))
+    try:
+        return (index, json.loads(text), text, None)
+    except json.JSONDecodeError as e:
+        return (index, None, text, RowError(RejectReason.INVALID_JSON, str(e)))
+
+
+def _iter_jsonl(partition: Partition, batch_rows: int) -> Iterator[list[RawRow]]:
+    batch: list[RawRow] = []
+    index = partition.row_start
+    end = partition.row_start + partition.row_count
+    with open(partition.source, "rb") as f:
+        f.seek(partition.byte_offset)
+        for line in f:
+            if index >= end:
+                break
+            stripped = line.strip()
+            if not stripped:
+                continue  # blank lines are not rows
+            batch.append(_jsonl_row(index, stripped))
+            index += 1
+            if len(batch) >= batch_rows:
+                yield batch
+                batch = []
+    if batch:
+        yield batch
+
+
+def _iter_rows(rows: list[Any], first_index: int, batch_rows: int) -> Iterator[list[RawRow]]:
+    for start in range(0, len(rows), batch_rows):
+        chunk = rows[start : start + batch_rows]
+        yield [(first_index + start + i, row, None, None) for i, row in enumerate(chunk)]
+
+
+def _iter_parquet(partition: Partition, batch_rows: int) -> Iterator[list[RawRow]]:
+    parquet = pq.ParquetFile(partition.source)
+    index = partition.row_start
+    for record_batch in parquet.iter_batches(
+        batch_size=batch_rows, row_groups=list(partition.row_groups) or None
+    ):
+        yield from _iter_rows(record_batch.to_pylist(), index, batch_rows)
+        index += record_batch.num_rows
+
+
+def _iter_hf_dataset(partition: Partition, batch_rows: int, split: str) -> Iterator[list[RawRow]]:
+    loaded = _load_saved_dataset(partition.source, split)
+    end = partition.row_start + partition.row_count
+    for start in range(partition.row_start, end, batch_rows):
+        table = loaded.with_format("arrow")[start : min(start + batch_rows, end)]
+        yield from _iter_rows(table.to_pylist(), start, batch_rows)
+
+
+def iter_raw_rows(
+    partition: Partition, batch_rows: int, split: str = "train"
+) -> Iterator[list[RawRow]]:
+    if partition.kind == "json":
+        rows = _json_array_rows(partition.source)
+        if rows is not None:
+            return _iter_rows(rows, 0, batch_rows)
+    if partition.kind in ("jsonl", "json"):
+        return _iter_jsonl(partition, batch_rows)
+    if partition.kind == "parquet":
+        return _iter_parquet(partition, batch_rows)
+    if partition.kind == "hf_dataset":
+        return _iter_hf_dataset(partition, batch_rows, split)
+    raise InputError(f"unknown source kind {partition.kind!r}")
 
 
 # --- format detection and normalisation ----------------------------------------------------------
@@ -250,7 +366,8 @@ def detect_format(row: Any) -> str | None:
 def detect_source_format(source: Source, split: str = "train") -> str | None:
     """Format of the first rows of a source that have a recognisable one (None if none do)."""
     seen = 0
-    for batch in iter_raw_rows(source, _DETECT_ROWS, split):
+    head = Partition(0, source.path, source.kind, None, 0, _DETECT_ROWS)
+    for batch in iter_raw_rows(head, _DETECT_ROWS, split):
         for _, value, _, error in batch:
             if error is None:
                 detected = detect_format(value)
@@ -380,16 +497,16 @@ def _raw_text(value: Any, raw: str | None) -> str:
         return repr(value)
 
 
-def normalize_batch(source: Source, rows: list[RawRow], fmt: str | None) -> pa.Table:
-    """Raw rows of one source -> a NORMALIZED_SCHEMA table, one row per input row.
+def normalize_batch(partition: Partition, rows: list[RawRow]) -> pa.Table:
+    """Raw rows of one partition -> a NORMALIZED_SCHEMA table, one row per input row.
 
-    ``fmt`` is the source's format (configured or detected); None means undetectable, so every row
-    is rejected as ``unknown_format``.
+    The partition's ``format`` is the source's (configured or detected); None means
+    undetectable, so every row is rejected as ``unknown_format``.
     """
     columns: dict[str, list] = {name: [] for name in schema.NORMALIZED_SCHEMA.names}
     for index, value, raw, error in rows:
         messages = None
-        row_fmt = fmt
+        row_fmt = partition.format
         try:
             if error is not None:
                 raise error
@@ -418,8 +535,9 @@ def normalize_batch(source: Source, rows: list[RawRow], fmt: str | None) -> pa.T
                 _raw_text(value, raw).encode("utf-8", "replace"), digest_size=12
             ).hexdigest()
         columns[schema.SAMPLE_ID].append(sample_id)
-        columns[schema.SOURCE].append(source.path)
+        columns[schema.SOURCE].append(partition.source)
         columns[schema.ROW_INDEX].append(index)
+        columns[schema.PARTITION].append(partition.index)
         columns[schema.FORMAT].append(row_fmt)
         columns[schema.MESSAGES].append(messages)
         columns[schema.RAW].append(_raw_text(value, raw) if reason else None)
@@ -428,29 +546,91 @@ def normalize_batch(source: Source, rows: list[RawRow], fmt: str | None) -> pa.T
     return pa.Table.from_pydict(columns, schema=schema.NORMALIZED_SCHEMA)
 
 
+def unreadable_rows(partition: Partition, first_index: int, error: str) -> pa.Table:
+    """Reject rows for the part of a partition that could not be read (the file broke mid-way)."""
+    indices = list(range(first_index, partition.row_start + partition.row_count))
+    n = len(indices)
+    return pa.Table.from_pydict(
+        {
+            schema.SAMPLE_ID: [
+                hashlib.blake2b(f"{partition.source}:{i}".encode(), digest_size=12).hexdigest()
+                for i in indices
+            ],
+            schema.SOURCE: [partition.source] * n,
+            schema.ROW_INDEX: indices,
+            schema.PARTITION: [partition.index] * n,
+            schema.FORMAT: [partition.format] * n,
+            schema.MESSAGES: [None] * n,
+            schema.RAW: [None] * n,
+            schema.REJECT_REASON: [RejectReason.UNREADABLE_SOURCE.value] * n,
+            schema.REJECT_DETAIL: [error] * n,
+        },
+        schema=schema.NORMALIZED_SCHEMA,
+    )
+
+
+def read_partition(
+    partition: Partition, batch_rows: int = 512, split: str = "train"
+) -> Iterator[pa.Table]:
+    """Stream one partition as normalised batches (NORMALIZED_SCHEMA), exactly ``row_count`` rows.
+
+    A file that breaks mid-read (a corrupt Parquet page, an I/O error) yields its remaining rows
+    as ``unreadable_source`` rejects, so the partition still accounts for every planned row.
+    """
+    next_index = partition.row_start
+    end = partition.row_start + partition.row_count
+    try:
+        for rows in iter_raw_rows(partition, batch_rows, split):
+            rows = [row for row in rows if row[0] < end]
+            if rows:
+                yield normalize_batch(partition, rows)
+                next_index = rows[-1][0] + 1
+    except (OSError, pa.ArrowException, InputError, ValueError) as e:
+        logger.warning("%s: read failed at row %d (%s)", partition.source, next_index, e)
+        error = f"{type(e).__name__}: {e}"
+    else:
+        if next_index == end:
+            return
+        error = f"the source ended at row {next_index}, {end - next_index} rows short of its plan"
+    yield unreadable_rows(partition, next_index, error)
+
+
 def read_source(
     source: Source, fmt: str = "auto", batch_rows: int = 512, split: str = "train"
 ) -> Iterator[pa.Table]:
-    """Stream one source as normalised batches (NORMALIZED_SCHEMA)."""
+    """Stream one whole source as normalised batches (NORMALIZED_SCHEMA). Raises InputError."""
     resolved = detect_source_format(source, split) if fmt == "auto" else fmt
     if resolved is None:
         logger.warning("%s: no row in a known format among the first rows", source.path)
-    for rows in iter_raw_rows(source, batch_rows, split):
-        yield normalize_batch(source, rows, resolved)
+    for partition in plan_source(source, resolved, 0, 1 << 62, split):
+        yield from read_partition(partition, batch_rows, split)
 
 
-class ReadSources:
-    """Stage: a batch of source descriptors -> their normalised rows (many rows per input row).
+def raw_texts(partition: Partition, rows: list[int], split: str = "train") -> dict[int, str]:
+    """The original text of some rows of a partition (for reject records made after scoring)."""
+    wanted = set(rows)
+    found: dict[int, str] = {}
+    for batch in iter_raw_rows(partition, 512, split):
+        for index, value, raw, _ in batch:
+            if index in wanted:
+                found[index] = _raw_text(value, raw)
+        if len(found) == len(wanted) or batch[-1][0] >= partition.row_start + partition.row_count:
+            break
+    return found
 
-    Input columns: ``path``, ``kind``, ``format`` (see ``Source``; ``format`` may be ``auto``).
-    Output: NORMALIZED_SCHEMA batches, streamed as they are read.
+
+class ReadPartitions:
+    """Stage: a batch of partition descriptors -> their normalised rows (many rows per input row).
+
+    Input column: ``partition``, a ``Partition`` as JSON. Output: NORMALIZED_SCHEMA tables, one per
+    partition, rows in source order (the scoring stage relies on whole, ordered partitions).
     """
 
     def __init__(self, batch_rows: int = 512, split: str = "train"):
         self.batch_rows = batch_rows
         self.split = split
 
-    def __call__(self, sources: pa.Table) -> Iterator[pa.Table]:
-        for item in sources.to_pylist():
-            source = Source(item["path"], item["kind"])
-            yield from read_source(source, item["format"], self.batch_rows, self.split)
+    def __call__(self, partitions: pa.Table) -> Iterator[pa.Table]:
+        for item in partitions.to_pylist():
+            partition = Partition.from_dict(json.loads(item["partition"]))
+            yield pa.concat_tables(list(read_partition(partition, self.batch_rows, self.split)))

@@ -145,5 +145,5 @@ def test_cli_score_with_torch_backend_and_config_errors(corpus, llama_dir, tmp_p
     result = runner.invoke(
         app, ["score", str(config), "--set", f"input.path={tmp_path}/empty.jsonl"]
     )
-    assert result.exit_code == 1 and "has no rows" in result.output
+    assert result.exit_code == 1 and "holds no rows" in result.output
     assert not (tmp_path / "out" / ".staging").exists()  # a failed run leaves no staging

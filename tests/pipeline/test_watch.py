@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
+from qtune.pipeline.lock import OutputLockedError
 from qtune.pipeline.watch import (
     HEARTBEAT_POLLS,
-    StateLock,
     Watcher,
     WatchError,
     WatchLockError,
@@ -206,46 +206,61 @@ def test_a_state_file_of_another_run_is_refused(run_dir, state_file, tmp_path):
         watcher(run_dir, state_file, StubRescore()).run_once()
 
 
-def test_the_lock_refuses_a_second_live_watcher(run_dir, state_file):
+# The lock itself (stale takeover, races, reentrancy rules) is tested in test_lock.py; these test
+# how the watcher uses it. A live watcher refusing another is in the SIGKILL process test below.
+
+
+def test_run_holds_one_lock_across_polls_and_releases_it(run_dir, state_file):
     make_checkpoint(run_dir, 1)
-    refusals: list[str] = []
+    owners: list[dict] = []
 
     def rescore(checkpoint: Path) -> int:
-        # While the first watcher is re-scoring, a second one on the same state must refuse.
-        with pytest.raises(WatchLockError, match=f"pid {os.getpid()}") as info:
-            watcher(run_dir, state_file, StubRescore()).run_once()
-        refusals.append(str(info.value))
-        return 1
+        owners.append(json.loads(w.lock_file.read_text()))
+        if checkpoint.name == "checkpoint-1":
+            make_checkpoint(run_dir, 2)  # found at the next poll
+        else:
+            w.stop()
+        return len(owners)
 
-    assert watcher(run_dir, state_file, rescore).run_once() == ["checkpoint-1"]
-    assert len(refusals) == 1 and "stop it first" in refusals[0]
-    # The refused watcher did not remove the live lock; the owner released it at the end.
-    assert not state_file.with_name("state.json.lock").exists()
+    w = watcher(run_dir, state_file, rescore, poll_seconds=0.005)
+    assert w.lock_file == state_file.with_name("state.json.lock")
+    w.run(stop_after=10)
+    assert list(read_state(state_file)["done"]) == ["checkpoint-1", "checkpoint-2"]
+    # run() took the lock once; each poll's run_once() re-entered it instead of taking another.
+    assert len(owners) == 2 and owners[0] == owners[1]
+    assert (owners[0]["pid"], owners[0]["command"]) == (os.getpid(), "qtune watch")
+    assert not w.lock_file.exists()
 
 
-def test_a_stale_lock_is_taken_over_and_a_foreign_host_lock_refuses(run_dir, state_file):
-    lock = state_file.with_name("state.json.lock")
-    lock.parent.mkdir(parents=True)
-    dead = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, check=True
-    )
-    dead_pid = int(dead.stdout)  # exited and reaped: not alive
-    lock.write_text(json.dumps({"pid": dead_pid, "host": socket.gethostname(), "token": "x"}))
+def test_a_lock_held_on_another_host_refuses_with_its_owner_and_is_left(run_dir, state_file):
     make_checkpoint(run_dir, 1)
-    assert watcher(run_dir, state_file, StubRescore()).run_once() == ["checkpoint-1"]
-    assert not lock.exists()
+    rescore = StubRescore()
+    w = watcher(run_dir, state_file, rescore)
+    w.lock_file.parent.mkdir(parents=True)
+    held = {"pid": 4242, "host": "gpu-node-7", "command": "qtune watch", "token": "y"}
+    w.lock_file.write_text(json.dumps(held))
+    with pytest.raises(WatchLockError) as info:
+        w.run_once()
+    message = str(info.value)
+    assert f"cannot watch with state {state_file}" in message
+    assert "pid 4242 on host gpu-node-7" in message and "'qtune watch'" in message
+    assert isinstance(info.value.__cause__, OutputLockedError)
+    assert json.loads(w.lock_file.read_text()) == held  # left for its owner
+    assert rescore.calls == [] and not state_file.exists()
 
-    lock.write_text(json.dumps({"pid": 1, "host": "gpu-node-7", "token": "y"}))
-    with pytest.raises(WatchLockError, match="host gpu-node-7"):
-        watcher(run_dir, state_file, StubRescore()).run_once()
-    assert json.loads(lock.read_text())["token"] == "y"  # left for its owner
 
-    # StateLock is re-entrant within one object and releases only its own lock.
-    lock.unlink()
-    own = StateLock(lock)
-    with own.held(), own.held():
-        assert json.loads(lock.read_text())["pid"] == os.getpid()
-    assert not lock.exists()
+def test_a_lock_error_raised_by_the_rescore_is_not_the_watchers(run_dir, state_file):
+    # The real rescore locks the output directory; a `qtune run` holding it fails that rescore,
+    # which must surface as itself, not as "another watcher holds the state".
+    make_checkpoint(run_dir, 1)
+
+    def rescore(checkpoint: Path) -> int:
+        raise OutputLockedError("output directory out is locked by pid 7", state_file, None)
+
+    with pytest.raises(OutputLockedError, match="locked by pid 7"):
+        watcher(run_dir, state_file, rescore).run_once()
+    assert read_state(state_file)["in_progress"] == "checkpoint-1"
+    assert not state_file.with_name("state.json.lock").exists()
 
 
 def test_run_polls_until_stopped_and_logs_a_heartbeat(run_dir, state_file, caplog):
@@ -374,21 +389,31 @@ def test_a_signal_during_rescore_exits_promptly_and_a_restart_finishes_once(
     assert state["in_progress"] is None and state["done"]["checkpoint-2"]["epoch"] == 2
 
 
-def test_after_sigkill_a_restart_takes_the_stale_lock_and_finishes_once(
+def test_a_live_watcher_refuses_another_and_after_sigkill_a_restart_takes_its_lock(
     proc_env, run_dir, state_file
 ):
     make_checkpoint(run_dir, 1)
     proc = proc_env.start(slow="checkpoint-1")
     proc_env.wait_for(lambda: proc_env.markers_named("start-checkpoint-1"), "rescore", proc)
+    second = StubRescore()
+    with pytest.raises(WatchLockError) as info:
+        watcher(run_dir, state_file, second).run_once()
+    message = str(info.value)
+    assert f"pid {proc.pid} on host {socket.gethostname()}" in message
+    assert "'qtune watch'" in message and f"kill {proc.pid}" in message
+    assert second.calls == []
+
     proc.kill()
     assert proc.wait(timeout=10) == -signal.SIGKILL
     lock = state_file.with_name("state.json.lock")
     assert json.loads(lock.read_text())["pid"] == proc.pid  # left behind by kill -9
     assert read_state(state_file)["in_progress"] == "checkpoint-1"
 
+    killed = proc.pid
     proc = proc_env.start(stop_after=0)
     assert proc.wait(timeout=15) == 0, proc_env.output()
-    assert "taking over the watch lock" in proc_env.output()
+    assert "taking over stale output lock" in proc_env.output()
+    assert f"owner (pid {killed} on host" in proc_env.output()
     assert len(proc_env.markers_named("start-checkpoint-1")) == 2
     assert len(proc_env.markers_named("done-checkpoint-1")) == 1
     assert read_state(state_file)["done"]["checkpoint-1"]["epoch"] == 1

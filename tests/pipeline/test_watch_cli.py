@@ -72,7 +72,9 @@ def test_watch_killed_while_scoring_finishes_the_checkpoint_exactly_once(tmp_pat
 
     first = _start(config, run_dir, log)
     staging = out / ".staging"
-    _wait(lambda: staging.is_dir() and any(staging.glob("score-001-*")), 120, "scoring to start")
+    _wait(
+        lambda: staging.is_dir() and any(staging.glob("score-epoch_001*")), 120, "scoring to start"
+    )
     os.killpg(first.pid, signal.SIGKILL)
     first.wait(timeout=30)
     assert json.loads(state.read_text())["in_progress"] == "checkpoint-10"

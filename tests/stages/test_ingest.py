@@ -12,10 +12,14 @@ import pytest
 from qtune import schema
 from qtune.stages.ingest import (
     InputError,
+    Partition,
     Source,
     content_hash,
     detect_source_format,
     discover_sources,
+    plan_source,
+    raw_texts,
+    read_partition,
     read_source,
 )
 
@@ -212,3 +216,94 @@ def test_auto_detect_per_source_and_explicit_override(tmp_path):
     assert table.column(schema.REJECT_REASON).to_pylist() == [None, "missing_field"]
     forced = _read(path, "jsonl", "messages")
     assert forced.column(schema.REJECT_REASON).to_pylist() == ["missing_field", None]
+
+
+# --- partitions: the unit of scoring and resume ---------------------------------------------
+
+
+def _rows_of(partitions, split: str = "train") -> list[int]:
+    tables = [
+        pa.concat_tables(list(read_partition(p, batch_rows=3, split=split))) for p in partitions
+    ]
+    for partition, table in zip(partitions, tables, strict=True):
+        assert table.num_rows == partition.row_count
+        assert set(table.column(schema.PARTITION).to_pylist()) == {partition.index}
+    return [i for t in tables for i in t.column(schema.ROW_INDEX).to_pylist()]
+
+
+def test_jsonl_partitions_cover_every_row_once_and_skip_blank_lines(tmp_path):
+    path = tmp_path / "a.jsonl"
+    lines = [json.dumps({"id": i, "messages": CHAT}) for i in range(11)]
+    path.write_text("\n\n".join(lines[:4]) + "\n\n" + "\n".join(lines[4:]) + "\n")
+    partitions = plan_source(Source(str(path), "jsonl"), "messages", 5, rows_per_partition=4)
+    assert [(p.index, p.row_start, p.row_count) for p in partitions] == [
+        (5, 0, 4),
+        (6, 4, 4),
+        (7, 8, 3),
+    ]
+    assert _rows_of(partitions) == list(range(11))
+    ids = pa.concat_tables(list(read_partition(partitions[1]))).column(schema.SAMPLE_ID)
+    assert ids.to_pylist() == ["4", "5", "6", "7"]
+
+
+def test_parquet_partitions_follow_row_groups(tmp_path):
+    path = tmp_path / "a.parquet"
+    table = pa.table({"messages": [CHAT] * 10, "id": [str(i) for i in range(10)]})
+    pq.write_table(table, path, row_group_size=3)
+    partitions = plan_source(Source(str(path), "parquet"), "messages", 0, rows_per_partition=5)
+    assert [(p.row_start, p.row_count, p.row_groups) for p in partitions] == [
+        (0, 6, (0, 1)),
+        (6, 4, (2, 3)),
+    ]
+    assert _rows_of(partitions) == list(range(10))
+
+
+def test_saved_dataset_partitions(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_list([{"messages": CHAT, "id": str(i)} for i in range(7)]).save_to_disk(
+        str(tmp_path / "ds")
+    )
+    partitions = plan_source(Source(str(tmp_path / "ds"), "hf_dataset"), "messages", 0, 3)
+    assert [p.row_count for p in partitions] == [3, 3, 1]
+    assert _rows_of(partitions) == list(range(7))
+
+
+def test_partition_descriptor_round_trips_through_json(tmp_path):
+    path = _write_jsonl(tmp_path / "a.jsonl", [{"messages": CHAT}] * 3)
+    (partition,) = plan_source(Source(str(path), "jsonl"), None, 2, 10)
+    assert Partition.from_dict(json.loads(json.dumps(partition.to_dict()))) == partition
+
+
+def test_a_parquet_file_corrupt_mid_way_rejects_its_remaining_rows(tmp_path):
+    path = tmp_path / "a.parquet"
+    pq.write_table(pa.table({"messages": [CHAT] * 6}), path, row_group_size=3)
+    partitions = plan_source(Source(str(path), "parquet"), "messages", 0, 100)
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle - 40 : middle + 40] = b"\x00" * 80  # damage the second row group's pages
+    path.write_bytes(bytes(data))
+    table = pa.concat_tables(list(read_partition(partitions[0])))
+    assert table.num_rows == 6  # every planned row is accounted for
+    reasons = table.column(schema.REJECT_REASON).to_pylist()
+    assert "unreadable_source" in reasons
+    assert reasons.index("unreadable_source") >= 1 or reasons == ["unreadable_source"] * 6
+    assert table.column(schema.ROW_INDEX).to_pylist() == list(range(6))
+
+
+def test_unreadable_files_fail_planning_with_their_path(tmp_path):
+    bad_parquet = tmp_path / "bad.parquet"
+    bad_parquet.write_bytes(b"PAR1 not really")
+    with pytest.raises(InputError, match="bad.parquet: unreadable Parquet"):
+        plan_source(Source(str(bad_parquet), "parquet"), "messages", 0, 10)
+    bad_array = tmp_path / "bad.json"
+    bad_array.write_text('[{"messages": []}, {')
+    with pytest.raises(InputError, match="bad.json: invalid JSON array"):
+        plan_source(Source(str(bad_array), "json"), "messages", 0, 10)
+
+
+def test_raw_texts_reads_original_rows_back(tmp_path):
+    path = _write_jsonl(tmp_path / "a.jsonl", [{"id": i, "messages": CHAT} for i in range(5)])
+    (partition,) = plan_source(Source(str(path), "jsonl"), "messages", 0, 10)
+    texts = raw_texts(partition, [1, 3])
+    assert set(texts) == {1, 3} and json.loads(texts[3])["id"] == 3

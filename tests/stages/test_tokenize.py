@@ -135,6 +135,7 @@ def test_stage_batch_flags_rejects_and_keeps_alignment(model_with_template):
             schema.SAMPLE_ID: ["a", "b", "c"],
             schema.SOURCE: ["f"] * 3,
             schema.ROW_INDEX: [0, 1, 2],
+            schema.PARTITION: [0, 0, 0],
             schema.FORMAT: ["messages", None, "messages"],
             schema.MESSAGES: [CHAT, None, long_chat],
             schema.RAW: [None, "{", None],

@@ -16,22 +16,43 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from qtune import schema
+from qtune.faults import fault_point
 from qtune.stages.eu_plane import sample_error_uncertainty
-from qtune.stages.score import ScoringBackend, ScoringOptions, create_backend
+from qtune.stages.score import (
+    ScoringBackend,
+    ScoringOptions,
+    ScoringSetupError,
+    create_backend,
+)
 
 logger = logging.getLogger(__name__)
 
 
 class Score:
-    def __init__(self, backend: str, options: ScoringOptions):
+    """Scores rows in fixed windows: the rows of one partition whose ``row_index // window_rows``
+    agree go to the backend together, whatever batches Ray hands over. The engine's arithmetic
+    depends on which sequences share a forward pass, so fixed windows make scores bit-identical
+    across runs, resumes and worker counts (as long as Ray keeps a window in one batch).
+    """
+
+    def __init__(self, backend: str, options: ScoringOptions, window_rows: int = 256):
         self.backend_name = backend
         self.options = options
+        self.window_rows = window_rows
         self._backend: ScoringBackend | None = None
 
     @property
     def backend(self) -> ScoringBackend:
         if self._backend is None:
-            self._backend = create_backend(self.backend_name, self.options)
+            try:
+                self._backend = create_backend(self.backend_name, self.options)
+            except ScoringSetupError:
+                raise
+            except Exception as e:  # a broken checkpoint, out of memory: keep the reason
+                raise ScoringSetupError(
+                    f"the {self.backend_name} scoring backend could not start for "
+                    f"{self.options.model_path}: {type(e).__name__}: {e}"
+                ) from e
         return self._backend
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -42,11 +63,8 @@ class Score:
         offsets, ids = schema.list_offsets_and_values(batch.column(schema.INPUT_IDS))
         _, mask = schema.list_offsets_and_values(batch.column(schema.LOSS_MASK))
         rows = np.flatnonzero(usable)
-        scored = (
-            self.backend.score([ids[offsets[i] : offsets[i + 1]] for i in rows])
-            if len(rows)
-            else []
-        )
+        fault_point("score.batch")
+        scored = self._score_windows(batch, rows, offsets, ids)
 
         # Rejected rows have no tokens, so the usable rows' results laid end to end are exactly
         # the flat per-token arrays of the batch.
@@ -81,6 +99,31 @@ class Score:
             },
         )
 
+    def _score_windows(
+        self, batch: pa.Table, rows: np.ndarray, offsets: np.ndarray, ids: np.ndarray
+    ) -> list[np.ndarray]:
+        if not len(rows):
+            return []
+        if schema.PARTITION in batch.column_names:
+            partition = batch.column(schema.PARTITION).to_numpy(zero_copy_only=False)[rows]
+        else:
+            partition = np.zeros(len(rows), dtype=np.int64)
+        if schema.ROW_INDEX in batch.column_names:
+            row_index = batch.column(schema.ROW_INDEX).to_numpy(zero_copy_only=False)[rows]
+        else:
+            row_index = rows
+        window = partition.astype(np.int64) << 40 | row_index // self.window_rows
+        _, first, which = np.unique(window, return_index=True, return_inverse=True)
+        results: list[np.ndarray] = [None] * len(rows)  # type: ignore[list-item]
+        for w in np.argsort(first, kind="stable"):  # windows in order of appearance
+            members = np.flatnonzero(which == w)
+            out = self.backend.score(
+                [ids[offsets[rows[j]] : offsets[rows[j] + 1]] for j in members]
+            )
+            for j, result in zip(members, out, strict=True):
+                results[j] = result
+        return results
+
     def close(self) -> None:
         if self._backend is not None:
             self._backend.close()
@@ -101,7 +144,7 @@ RESCORE_INPUT_COLUMNS = [
 ]
 
 
-def tokenized_from_cache(batch: pa.Table) -> pa.Table:
+def tokenized_from_cache(batch: pa.Table, partition: int = 0) -> pa.Table:
     """Stage: scored-cache rows (RESCORE_INPUT_COLUMNS) -> TOKENIZED_SCHEMA rows for re-scoring.
 
     The token ids are reused as they are, so every epoch scores exactly the same tokens; the
@@ -113,6 +156,7 @@ def tokenized_from_cache(batch: pa.Table) -> pa.Table:
         batch,
         schema.TOKENIZED_SCHEMA,
         {
+            schema.PARTITION: pa.array(np.full(n, partition, dtype=np.int32)),
             schema.MESSAGES: pa.nulls(n, pa.list_(schema.MESSAGE_TYPE)),
             schema.RAW: pa.nulls(n, pa.string()),
             schema.REJECT_REASON: pa.nulls(n, pa.string()),
@@ -122,16 +166,12 @@ def tokenized_from_cache(batch: pa.Table) -> pa.Table:
 
 
 class ReadScoredCache:
-    """Stage: a batch of scored-cache file paths (column ``path``) -> TOKENIZED_SCHEMA rows.
+    """Stage: scored-cache parts (columns ``path``, ``index``: the partition) -> TOKENIZED rows.
 
-    Many output rows per input row, streamed file by file (the re-score job's reader).
+    One output table per part, whole and in order (the re-score job's reader).
     """
 
-    def __init__(self, batch_rows: int = 4096):
-        self.batch_rows = batch_rows
-
-    def __call__(self, files: pa.Table) -> Iterator[pa.Table]:
-        for path in files.column("path").to_pylist():
-            parquet = pq.ParquetFile(path)
-            for batch in parquet.iter_batches(self.batch_rows, columns=RESCORE_INPUT_COLUMNS):
-                yield tokenized_from_cache(pa.Table.from_batches([batch]))
+    def __call__(self, parts: pa.Table) -> Iterator[pa.Table]:
+        for item in parts.to_pylist():
+            table = pq.read_table(item["path"], columns=RESCORE_INPUT_COLUMNS)
+            yield tokenized_from_cache(table, item["index"])

@@ -90,6 +90,7 @@ def test_score_stage_on_literal_batch(llama_dir, tokenizer):
             schema.SAMPLE_ID: ["a", "b", "c"],
             schema.SOURCE: ["f"] * 3,
             schema.ROW_INDEX: [0, 1, 2],
+            schema.PARTITION: pa.array([0, 0, 0], pa.int32()),
             schema.FORMAT: ["messages"] * 3,
             schema.MESSAGES: pa.nulls(3, pa.list_(schema.MESSAGE_TYPE)),
             schema.RAW: [None, "{}", None],
@@ -117,3 +118,23 @@ def test_score_stage_on_literal_batch(llama_dir, tokenizer):
         assert out.column(schema.PPL)[row].as_py() == pytest.approx(np.exp(nll), rel=1e-3)
         ent = ref[mask.astype(bool), 1].mean()
         assert out.column(schema.ENTROPY)[row].as_py() == pytest.approx(ent, abs=TOLERANCE)
+
+
+@pytest.mark.vllm
+def test_vllm_engine_that_cannot_start_fails_fast_with_its_reason(llama_dir, tmp_path):
+    import shutil
+    import time
+
+    from qtune.stages.score import ScoringSetupError
+
+    broken = tmp_path / "broken"
+    shutil.copytree(llama_dir, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    started = time.monotonic()
+    with pytest.raises(ScoringSetupError) as error:
+        create_backend("vllm", ScoringOptions(model_path=str(broken), max_length=256))
+    # The engine runs in-process on CPU, so its own reason is in the message, not only a log.
+    assert "vLLM engine failed to start" in str(error.value)
+    assert "header" in str(error.value).lower() or "safetensor" in str(error.value).lower()
+    assert time.monotonic() - started < 60
