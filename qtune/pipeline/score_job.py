@@ -334,7 +334,13 @@ def check_output_dir(
     if not summary_path.is_file():
         return None
     existing = ScoreSummary.from_json(summary_path.read_text())
-    old = existing.fingerprint or {"input": "unknown (written by an older qtune)"}
+    old = existing.fingerprint
+    if not old:
+        raise PipelineError(
+            f"output.dir {layout.root} holds results written by an older qtune (no "
+            "fingerprint to compare); re-run with --restart to score again, or set output.dir "
+            "to a new directory"
+        )
     if old.get("input") != plan.fingerprint["input"]:
         raise PipelineError(
             f"output.dir {layout.root} holds the results of a different corpus; set output.dir "

@@ -416,3 +416,19 @@ def test_an_engine_that_cannot_start_fails_fast_with_its_reason(mixed, llama_dir
     assert "error: the torch scoring backend could not start for" in result.output
     assert "SafetensorError: Error while deserializing header" in result.output
     assert time.monotonic() - started < 120
+
+
+def test_qtune_verify_passes_a_clean_version_and_names_a_truncated_shard(mixed, tmp_path):
+    import shutil
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["verify", str(mixed["out"])])
+    assert result.exit_code == 0 and result.output.startswith("ok ")
+    copy = tmp_path / "copy"
+    shutil.copytree(mixed["out"], copy)
+    shard = sorted((copy / "data/epoch_000/train").glob("*.parquet"))[0]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    result = runner.invoke(app, ["verify", str(copy), "--epoch", "0"])
+    assert result.exit_code == 1
+    assert f"problem: train/{shard.name}: unreadable Parquet" in result.output
+    assert "problem(s) in" in result.output
