@@ -54,6 +54,7 @@ SOURCE = "source"  # input file (or dataset directory) the row came from
 ROW_INDEX = "row_index"  # 0-based row/line number within SOURCE
 PARTITION = "partition"  # input partition (unit of scoring, checkpointing and resume)
 FORMAT = "format"  # detected or configured input format of the row
+METADATA = "metadata"  # JSON of the row's short scalar top-level fields (task, category, ...)
 MESSAGES = "messages"  # normalised conversation: list<struct<role, content>>
 RAW = "raw"  # original row as text; kept only for rejected rows
 REJECT_REASON = "reject_reason"  # null for usable rows, else a RejectReason value
@@ -81,6 +82,7 @@ QUADRANT = "quadrant"  # plane label: Q1..Q4 (median split within the triage sco
 FILLED = "filled"  # kept by the fill-up rather than a corner set
 TOKEN_PRUNED = "token_pruned"
 NUM_LOSS_TOKENS = "num_loss_tokens"
+GROUP = "group"  # the sample's group under qtuning.group_by (its source file when unset)
 LENGTH = "length"
 IGNORE_INDEX = -100
 
@@ -93,6 +95,7 @@ NORMALIZED_SCHEMA = pa.schema(
         (ROW_INDEX, pa.int64()),
         (PARTITION, pa.int32()),
         (FORMAT, pa.string()),
+        (METADATA, pa.string()),
         (MESSAGES, pa.list_(MESSAGE_TYPE)),
         (RAW, pa.string()),
         (REJECT_REASON, pa.string()),
@@ -126,6 +129,7 @@ SCORED_CACHE_SCHEMA = pa.schema(
         pa.field(SOURCE, pa.string()),
         pa.field(ROW_INDEX, pa.int64()),
         pa.field(FORMAT, pa.string()),
+        pa.field(METADATA, pa.string()),
         *TOKENIZED_FIELDS,
         *SCORED_FIELDS,
     ]
@@ -160,6 +164,7 @@ SHARD_SCHEMA = pa.schema(
         pa.field(NUM_LOSS_TOKENS, pa.int32()),
         pa.field(LENGTH, pa.int32()),
         pa.field(SOURCE, pa.string()),
+        pa.field(GROUP, pa.string()),
     ]
 )
 
@@ -173,6 +178,7 @@ DROPPED_SCHEMA = pa.schema(
         pa.field(REASON, pa.string()),
         pa.field(SOURCE, pa.string()),
         pa.field(ROW_INDEX, pa.int64()),
+        pa.field(GROUP, pa.string()),
     ]
 )
 

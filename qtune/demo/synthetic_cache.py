@@ -18,6 +18,8 @@ from qtune import schema
 from qtune.pipeline.layout import SCORE_SUMMARY, OutputLayout
 from qtune.stages.eu_plane import sample_error_uncertainty
 
+TASKS = ("arithmetic", "spelling", "trivia")  # the ``task`` field of each synthetic row
+
 
 def synthetic_scored_batch(
     start: int, n: int, response_tokens: int, prompt_tokens: int, rng: np.random.Generator
@@ -47,6 +49,9 @@ def synthetic_scored_batch(
             schema.SOURCE: pa.array(["synthetic.jsonl"] * n),
             schema.ROW_INDEX: pa.array(np.arange(start, start + n)),
             schema.FORMAT: pa.array(["messages"] * n),
+            schema.METADATA: pa.array(
+                [json.dumps({"task": TASKS[i % len(TASKS)]}) for i in range(start, start + n)]
+            ),
             schema.INPUT_IDS: pa.ListArray.from_arrays(arrow_offsets, pa.array(ids)),
             schema.LOSS_MASK: pa.ListArray.from_arrays(arrow_offsets, pa.array(loss_mask)),
             schema.N_TOKENS: pa.array(lengths.astype(np.int32)),

@@ -6,6 +6,7 @@ import functools
 import logging
 import math
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, TypeVar
@@ -36,6 +37,14 @@ SetOpt = Annotated[
     typer.Option("--set", help="Override a config key: section.key=value (repeatable)."),
 ]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")]
+LimitOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--limit",
+        min=1,
+        help="Only the first N input rows: a quick, partial trial of a config (marked partial).",
+    ),
+]
 RestartOpt = Annotated[
     bool,
     typer.Option(
@@ -84,7 +93,9 @@ def _guard(job: Callable[[], T]) -> T:
     """Run a job; known failures become one clear line and a non-zero exit, not a traceback."""
     from qtune.pipeline.checkpoints import CheckpointError
     from qtune.pipeline.errors import PipelineError
+    from qtune.pipeline.inspect import InspectError
     from qtune.pipeline.lock import OutputLockedError
+    from qtune.pipeline.report_job import ReportError
     from qtune.pipeline.verify import VerifyError
     from qtune.pipeline.watch import WatchError
     from qtune.stages.ingest import InputError
@@ -100,6 +111,8 @@ def _guard(job: Callable[[], T]) -> T:
         WatchError,
         OutputLockedError,
         VerifyError,
+        ReportError,
+        InspectError,
     )
     try:
         return job()
@@ -145,6 +158,8 @@ def print_score_summary(summary: ScoreSummary) -> None:
     )
     if summary.reused:
         console.print(f"re-used the complete scored cache {summary.scores_dir} (nothing scored)")
+    if summary.limit:
+        console.print(_partial_notice(summary.limit))
     for unreadable in summary.unreadable_sources:
         err_console.print(
             f"[yellow]unreadable input skipped:[/yellow] {unreadable['error']}",
@@ -202,6 +217,14 @@ def print_triage_summary(summary: TriageSummary) -> None:
         console.print(
             f"thresholds: {t['batches']:,} pseudo mini-batches, mean a = {t['a_mean']:.4f}"
         )
+    elif t.get("scope") == "group":
+        small = t.get("small_groups", [])
+        console.print(
+            f"thresholds: one triage per group ({len(t['groups']):,} groups"
+            + (f", {len(small)} too small to triage: kept by the support score" if small else "")
+            + ")",
+            highlight=False,
+        )
     share = summary.kept_loss_tokens / summary.response_tokens if summary.response_tokens else 0
     console.print(
         _table(
@@ -219,12 +242,40 @@ def print_triage_summary(summary: TriageSummary) -> None:
     )
     if summary.per_source:
         print_accounting(summary.per_source)
+    if len(summary.coverage.get("groups", {})) > 1:
+        print_coverage(summary.coverage, summary.thresholds)
     if summary.migration:
         print_migration(summary.migration)
+    if summary.limit:
+        console.print(_partial_notice(summary.limit))
     console.print(f"published: {summary.version_dir}")
     console.print("load it with:")
     console.print("  from datasets import load_dataset", highlight=False)
     console.print(f'  train = load_dataset("{summary.output_dir}")["train"]', highlight=False)
+
+
+def _partial_notice(limit: int) -> str:
+    return (
+        f"[yellow]PARTIAL RUN:[/yellow] only the first {limit:,} input rows (--limit); the "
+        "results are for checking a config, not for training"
+    )
+
+
+def print_stage_timings(stages: list[dict]) -> None:
+    """The final per-stage table: wall time, rows, rows/s."""
+    table = Table(title="stage timings", title_justify="left")
+    table.add_column("stage")
+    for column in ("wall time", "rows", "rows/s"):
+        table.add_column(column, justify="right")
+    for stage in stages:
+        rows, rate = stage.get("rows"), stage.get("rows_per_second")
+        table.add_row(
+            stage["stage"],
+            f"{stage['seconds']:,.2f} s",
+            "-" if rows is None else f"{rows:,}",
+            "-" if rate is None else f"{rate:,.0f}",
+        )
+    console.print(table)
 
 
 def print_summaries(score_summary: ScoreSummary, triage_summary: TriageSummary) -> None:
@@ -251,6 +302,43 @@ def print_accounting(per_source: dict[str, dict[str, int]]) -> None:
     console.print(table)
 
 
+def print_coverage(coverage: dict, thresholds: dict) -> None:
+    """Per group: input share against kept share (the check that no part of a mix starves)."""
+    per_group = thresholds.get("groups", {})
+    table = Table(title=f"coverage by {coverage['group_by']}", title_justify="left")
+    table.add_column("group")
+    for column in ("samples", "input share", "K_g", "kept", "kept share", "kept loss tokens", ""):
+        table.add_column(column, justify="right")
+    for name, g in coverage["groups"].items():
+        plan = per_group.get(name, {})
+        k = "-" if not plan else f"{plan['k']:,}" + (" (small)" if plan.get("small") else "")
+        table.add_row(
+            Path(name).name if coverage["group_by"] == "file" else name,
+            f"{g['input_samples']:,}",
+            f"{g['input_share']:.1%}",
+            k,
+            f"{g['kept_samples']:,}",
+            f"{g['kept_share']:.1%}",
+            f"{g['kept_loss_tokens']:,}",
+            "[red]under-covered[/red]" if g["under_covered"] else "",
+        )
+    console.print(table)
+    if coverage["under_covered"]:
+        err_console.print(
+            f"[yellow]warning:[/yellow] under-represented in the kept samples: "
+            f"{', '.join(coverage['under_covered'])} (kept share below "
+            f"{coverage['min_share_fraction']:.0%} of input share)"
+            + (
+                ""
+                if thresholds.get("scope") == "group"
+                else f"; use --set qtuning.scope=group --set qtuning.group_by="
+                f"{coverage['group_by']}"
+            ),
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
 def print_migration(migration: dict) -> None:
     table = Table(
         title=f"quadrant migration since {migration['parent']} (rows: before, columns: now)",
@@ -273,7 +361,11 @@ def print_migration(migration: dict) -> None:
 
 @app.command()
 def score(
-    config: ConfigArg, set_: SetOpt = None, restart: RestartOpt = False, verbose: VerboseOpt = False
+    config: ConfigArg,
+    set_: SetOpt = None,
+    restart: RestartOpt = False,
+    limit: LimitOpt = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Score the corpus: per-token log-prob and entropy into <output.dir>/scores/epoch_000.
 
@@ -283,7 +375,9 @@ def score(
 
     _setup_logging(verbose)
     cfg = _load(config, set_)
-    print_score_summary(_guard(lambda: run_score(cfg, restart=restart)))
+    summary = _guard(lambda: run_score(cfg, restart=restart, limit=limit))
+    print_score_summary(summary)
+    print_stage_timings(summary.stages)
 
 
 @app.command()
@@ -310,30 +404,104 @@ def triage(
     print_triage_summary(_guard(lambda: run_triage(cfg, epoch=epoch, out_dir=out)))
 
 
-def _run(cfg: QTuneConfig, restart: bool = False) -> None:
+def _run(cfg: QTuneConfig, restart: bool = False, limit: int | None = None) -> None:
     from qtune.pipeline.layout import OutputLayout
     from qtune.pipeline.lock import OutputLock
     from qtune.pipeline.score_job import run_score
     from qtune.pipeline.triage_job import run_triage
 
-    def job() -> None:
+    def job() -> tuple[ScoreSummary, TriageSummary]:
         # One lock over both steps: no other writer can slip in between scoring and triage.
         with OutputLock(OutputLayout(Path(cfg.output.dir)).lock_file, "qtune run"):
-            print_score_summary(run_score(cfg, restart=restart))  # before triage starts
-            print_triage_summary(run_triage(cfg, epoch=0))
+            score_summary = run_score(cfg, restart=restart, limit=limit)
+            print_score_summary(score_summary)  # before triage starts
+            summary = run_triage(cfg, epoch=0)
+        print_triage_summary(summary)
+        return score_summary, summary
 
-    _guard(job)
+    score_summary, summary = _guard(job)
+    stages = summary.stages
+    if score_summary.reused:  # the cache's own stages describe an earlier run
+        stages = [{"stage": "score (complete cache re-used)", "seconds": 0.0}] + [
+            s for s in stages if s not in score_summary.stages
+        ]
+    _report_after(cfg, summary, stages)
+
+
+def _report_after(
+    cfg: QTuneConfig, summary: TriageSummary, stages: list[dict] | None = None
+) -> None:
+    """The version's report (unless output.report is off), then the stage timings."""
+    stages = list(summary.stages if stages is None else stages)
+    index = None
+    if cfg.output.report:
+        from qtune.pipeline.report_job import write_report
+
+        started = time.perf_counter()
+        index = _guard(lambda: write_report(summary.output_dir, summary.epoch))
+        stages.append({"stage": "report", "seconds": time.perf_counter() - started})
+    print_stage_timings(stages)
+    if index is not None:
+        console.print(f"report: {index}")  # last: the one thing to open next
 
 
 @app.command()
 def run(
-    config: ConfigArg, set_: SetOpt = None, restart: RestartOpt = False, verbose: VerboseOpt = False
+    config: ConfigArg,
+    set_: SetOpt = None,
+    restart: RestartOpt = False,
+    limit: LimitOpt = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Score the corpus, then triage, prune tokens and publish epoch_000.
 
     Re-running the same command after a crash resumes where it stopped."""
     _setup_logging(verbose)
-    _run(_load(config, set_), restart)
+    _run(_load(config, set_), restart, limit)
+
+
+OutputDirArg = Annotated[Path, typer.Argument(help="An output directory qtune published into.")]
+EpochOpt = Annotated[int | None, typer.Option(help="Version to use (default: the one in LATEST).")]
+
+
+@app.command()
+def report(output_dir: OutputDirArg, epoch: EpochOpt = None, verbose: VerboseOpt = False) -> None:
+    """Write a version's report: EU plane, quadrants, pruning, sources, migration, examples."""
+    from qtune.pipeline.report_job import write_report
+
+    _setup_logging(verbose)
+    console.print(f"report: {_guard(lambda: write_report(output_dir, epoch))}")
+
+
+@app.command()
+def inspect(
+    output_dir: OutputDirArg,
+    sample_id: Annotated[
+        list[str] | None, typer.Option("--sample-id", help="Sample(s) to show (repeatable).")
+    ] = None,
+    quadrant: Annotated[
+        str | None, typer.Option(help="Show samples of this quadrant: Q1, Q2, Q3 or Q4.")
+    ] = None,
+    kept: Annotated[
+        bool | None, typer.Option("--kept/--dropped", help="Only kept, or only dropped, samples.")
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1, help="How many samples to show.")] = 5,
+    epoch: EpochOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Print samples with their scores: response tokens shaded, pruned tokens struck through."""
+    from qtune.pipeline.inspect import find_samples, render_sample
+
+    _setup_logging(verbose)
+    views = _guard(
+        lambda: find_samples(
+            output_dir, epoch, sample_ids=sample_id, quadrant=quadrant, limit=limit, kept=kept
+        )
+    )
+    if not views:
+        raise _fail("no sample matches")
+    for view in views:
+        console.print(render_sample(view))
 
 
 @app.command()
@@ -379,7 +547,9 @@ def rescore(
 
     _setup_logging(verbose)
     cfg = _load(config, set_)
-    print_summaries(*_guard(lambda: run_rescore(cfg, model, epoch, restart=restart)))
+    score_summary, triage_summary = _guard(lambda: run_rescore(cfg, model, epoch, restart=restart))
+    print_summaries(score_summary, triage_summary)
+    _report_after(cfg, triage_summary)
 
 
 @app.command()
@@ -406,6 +576,7 @@ def watch(
     def rescore_checkpoint(checkpoint: Path) -> int:
         score_summary, triage_summary = run_rescore(cfg, checkpoint)
         print_summaries(score_summary, triage_summary)
+        _report_after(cfg, triage_summary)
         return triage_summary.epoch
 
     # A complete checkpoint does not change: fingerprint it once, not once per question.
@@ -436,6 +607,7 @@ def watch(
 def demo(
     config: Annotated[Path, typer.Option(help="Demo config.")] = Path("configs/demo.yaml"),
     set_: SetOpt = None,
+    limit: LimitOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Build the demo corpus and tiny model (cached), then run the main job on embedded Ray."""
@@ -446,7 +618,7 @@ def demo(
     if isinstance(cfg.input.path, list):
         raise _fail("the demo config must name one input directory")
     prepare_demo(corpus_dir=Path(cfg.input.path), model_dir=Path(cfg.model.path))
-    _run(cfg)
+    _run(cfg, limit=limit)
 
 
 @app.command("demo-loop")

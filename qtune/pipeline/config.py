@@ -133,12 +133,36 @@ class QTuningConfig(_Section):
     lam: float = Field(
         0.5, ge=0, le=1, description="lambda: weight of the two neighbours in the token score."
     )
-    scope: Literal["global", "batch"] = Field(
+    scope: Literal["global", "batch", "group"] = Field(
         "global",
-        description="Where quantiles are taken: the whole epoch (`global`) or seeded pseudo "
-        "mini-batches of `batch_size` (`batch`, as in the paper).",
+        description="Where quantiles are taken: the whole epoch (`global`), seeded pseudo "
+        "mini-batches of `batch_size` (`batch`, as in the paper), or each group of `group_by` "
+        "(`group`: every part of a mixed corpus keeps its share).",
     )
     batch_size: int = Field(8, ge=1, description="Pseudo mini-batch size for scope `batch`.")
+    group_by: str | None = Field(
+        None,
+        description="Groups for scope `group` and for the coverage check: `file` (the source "
+        "file of each row) or a top-level field of the input rows (e.g. `task`, `category`). "
+        "Unset: the coverage check groups by file.",
+    )
+    group_ratios: dict[str, float] = Field(
+        default_factory=dict,
+        description="Scope `group`: a group's own sample ratio (others use sample_ratio).",
+    )
+    min_group_size: int = Field(
+        8,
+        ge=1,
+        description="Scope `group`: smaller groups are not triaged; they keep floor(r * n) by "
+        "the support score |P - E|.",
+    )
+    coverage_min_fraction: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Warn about a group whose share of the kept samples is below this fraction "
+        "of its share of the input.",
+    )
     seed: int = Field(0, description="Seed for batch shuffling and the random policies.")
     normalize: Literal["minmax", "rank"] = Field(
         "minmax", description="Normalisation of PPL and entropy for the fill-up support score."
@@ -151,6 +175,22 @@ class QTuningConfig(_Section):
 
         return _registered(value, POLICIES, "policy")
 
+    @field_validator("group_ratios")
+    @classmethod
+    def _ratios_in_range(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = {g: r for g, r in value.items() if not 0 < r <= 1}
+        if bad:
+            raise ValueError(f"group ratios must be in (0, 1]; got {bad}")
+        return value
+
+    @model_validator(mode="after")
+    def _group_scope_needs_groups(self) -> QTuningConfig:
+        if self.scope == "group" and not self.group_by:
+            raise ValueError(
+                "scope `group` needs qtuning.group_by: `file` or a field of the input rows"
+            )
+        return self
+
 
 class OutputConfig(_Section):
     dir: str = Field(description="Output directory (scores, rejects, data versions).")
@@ -161,6 +201,11 @@ class OutputConfig(_Section):
         "fewer when there are fewer kept samples than shards.",
     )
     row_group_rows: int = Field(1024, ge=1, description="Rows per Parquet row group in the shards.")
+    report: bool = Field(
+        True,
+        description="Write the version's report (EU plane, quadrants, examples) after `run` "
+        "and `rescore`; `qtune report` writes it on demand.",
+    )
 
 
 class RayConfig(_Section):

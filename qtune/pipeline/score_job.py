@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from qtune import schema
@@ -29,6 +30,7 @@ from qtune.pipeline.config import QTuneConfig
 from qtune.pipeline.errors import PipelineError
 from qtune.pipeline.layout import SCORE_SUMMARY, OutputLayout
 from qtune.pipeline.lock import OutputLock
+from qtune.pipeline.progress import StageTimings, StepProgress
 from qtune.pipeline.publish import input_fingerprint, model_fingerprint
 from qtune.pipeline.scoring_state import (
     RawTextReader,
@@ -51,7 +53,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["PipelineError", "ScoreSummary", "run_score", "execute_scoring"]
 
 # Bump when the scored cache's content for the same input, model and settings changes.
-CACHE_FORMAT = "2"
+CACHE_FORMAT = "3"
 
 
 @dataclass
@@ -80,6 +82,8 @@ class ScoreSummary:
     source_rows: dict[str, int] = field(default_factory=dict)  # input rows per source file
     unreadable_sources: list[dict[str, str]] = field(default_factory=list)
     fingerprint: dict[str, str] = field(default_factory=dict)
+    limit: int | None = None  # --limit: only the first N input rows were read (a partial run)
+    stages: list[dict] = field(default_factory=list)  # per-stage wall time and rows
     extra: dict = field(default_factory=dict)  # e.g. the checkpoint a re-score used
 
     @property
@@ -173,15 +177,28 @@ def scoring_fingerprint(cfg: QTuneConfig, model_path: str, input_key: str) -> di
     }
 
 
-def plan_input(cfg: QTuneConfig, sources: list[tuple[ingest.Source, str | None]]) -> ScoringPlan:
-    """Partition every source; an unreadable one is reported (or fatal under input.strict)."""
+def plan_input(
+    cfg: QTuneConfig, sources: list[tuple[ingest.Source, str | None]], limit: int | None = None
+) -> ScoringPlan:
+    """Partition every source; an unreadable one is reported (or fatal under input.strict).
+
+    ``limit``: plan only the first ``limit`` rows, in source order (a partial run).
+    """
     partitions: list[dict[str, Any]] = []
     source_rows: dict[str, int] = {}
     unreadable: list[dict[str, str]] = []
     for source, fmt in sources:
+        left = None if limit is None else limit - sum(source_rows.values())
+        if left is not None and left <= 0:
+            break
         try:
             planned = ingest.plan_source(
-                source, fmt, len(partitions), cfg.input.partition_rows, cfg.input.split
+                source,
+                fmt,
+                len(partitions),
+                cfg.input.partition_rows,
+                cfg.input.split,
+                max_rows=left,
             )
         except ingest.InputError as e:
             if cfg.input.strict:
@@ -193,11 +210,15 @@ def plan_input(cfg: QTuneConfig, sources: list[tuple[ingest.Source, str | None]]
         partitions += [p.to_dict() for p in planned]
     model_path = str(Path(cfg.model.path).absolute())
     input_key = input_fingerprint([s.path for s, _ in sources])
+    fingerprint = scoring_fingerprint(cfg, model_path, input_key)
+    if limit is not None:
+        fingerprint["limit"] = str(limit)
     return ScoringPlan(
         partitions=partitions,
-        fingerprint=scoring_fingerprint(cfg, model_path, input_key),
+        fingerprint=fingerprint,
         source_rows=source_rows,
         unreadable=unreadable,
+        limit=limit,
     )
 
 
@@ -335,6 +356,21 @@ def check_output_dir(
         return None
     existing = ScoreSummary.from_json(summary_path.read_text())
     old = existing.fingerprint
+    if old == plan.fingerprint:
+        existing.reused = True
+        existing.seconds = 0.0
+        return existing
+    if existing.limit is not None:
+        logger.warning(
+            "replacing the partial results of a --limit %d run in %s", existing.limit, layout.root
+        )
+        discard_outputs(layout)
+        return None
+    if plan.limit is not None:
+        raise PipelineError(
+            f"output.dir {layout.root} holds complete results that a --limit run would replace; "
+            "point the trial run elsewhere with --set output.dir=..."
+        )
     if not old:
         raise PipelineError(
             f"output.dir {layout.root} holds results written by an older qtune (no "
@@ -346,40 +382,41 @@ def check_output_dir(
             f"output.dir {layout.root} holds the results of a different corpus; set output.dir "
             "to a new directory, or re-run with --restart to discard what is there"
         )
-    if old != plan.fingerprint:
-        changed = ", ".join(changed_parts(old, plan.fingerprint))
-        raise PipelineError(
-            f"output.dir {layout.root} holds scores of this corpus made with a different "
-            f"{changed}; re-run with --restart to re-score (it discards every version there), "
-            "or set output.dir to a new directory"
-        )
-    existing.reused = True
-    existing.seconds = 0.0
-    return existing
+    changed = ", ".join(changed_parts(old, plan.fingerprint))
+    raise PipelineError(
+        f"output.dir {layout.root} holds scores of this corpus made with a different "
+        f"{changed}; re-run with --restart to re-score (it discards every version there), "
+        "or set output.dir to a new directory"
+    )
 
 
 def discard_outputs(layout: OutputLayout) -> None:
     """``--restart``: remove everything qtune wrote into the output dir (never the input)."""
     for path in layout.derived_paths():
-        logger.warning("--restart: removing %s", path)
+        logger.warning("removing %s", path)
         if path.is_dir():
             shutil.rmtree(path)
         else:
             path.unlink()
 
 
-def run_score(cfg: QTuneConfig, epoch: int = 0, restart: bool = False) -> ScoreSummary:
+def run_score(
+    cfg: QTuneConfig, epoch: int = 0, restart: bool = False, limit: int | None = None
+) -> ScoreSummary:
     """Score the configured corpus into ``scores/epoch_NNN`` (+ ``rejects/epoch_NNN``).
 
     Resumes an interrupted run of the same command; re-uses a complete cache for the same
-    input, model and settings.
+    input, model and settings. ``limit``: only the first N input rows (a partial trial run).
     """
     layout = OutputLayout(Path(cfg.output.dir))
     with OutputLock(layout.lock_file, "qtune score"):
         if restart:
             discard_outputs(layout)
-        sources = preflight(cfg)
-        plan = plan_input(cfg, sources)
+        timings = StageTimings()
+        with timings.stage("plan input"):
+            sources = preflight(cfg)
+            plan = plan_input(cfg, sources, limit)
+        timings.stages[-1].rows = plan.rows
         if not plan.partitions:
             if plan.unreadable:
                 names = "; ".join(u["error"] for u in plan.unreadable[:3])
@@ -402,6 +439,7 @@ def run_score(cfg: QTuneConfig, epoch: int = 0, restart: bool = False) -> ScoreS
             lambda pending, fragments: build_score_dataset(cfg, pending, fragments),
             n_sources=len(sources),
             raw_text=_raw_text_reader(cfg.input.split),
+            stages=timings.to_list(),
         )
     if summary.scored == 0:
         top = ", ".join(f"{r} ({n:,})" for r, n in list(summary.reasons.items())[:3])
@@ -424,16 +462,16 @@ def execute_scoring(
     carried_rejects: Path | None = None,
     extra: dict | None = None,
     restart: bool = False,
+    stages: list[dict] | None = None,
 ) -> ScoreSummary:
     """Score the plan's unfinished partitions, finish, publish ``scores/`` and ``rejects/``.
+
+    ``stages``: timings of steps before this one (planning), carried into the summary.
 
     ``raw_text``: reads original rows, to move repeated sample_ids to rejects (first scoring
     only). ``carried_rejects``: a previous epoch's rejects, copied in (re-scoring never sees
     those rows, yet every version must account for every input row).
     """
-    import ray
-    import ray.data
-
     started = time.perf_counter()
     layout = OutputLayout(Path(cfg.output.dir))
     state = ScoringState(layout.scoring_state(epoch), plan)
@@ -441,35 +479,19 @@ def execute_scoring(
     if state.finalized:
         summary = ScoreSummary.from_json((state.layout.scores / SCORE_SUMMARY).read_text())
     else:
+        timings = StageTimings.from_list(stages or [])
         pending = state.pending()
         if pending:
-            we_started_ray = init_ray(cfg)
-            try:
-                if cfg.scoring.backend == "vllm":
-                    on_cpu = not ray.cluster_resources().get("GPU", 0)
-                    check_vllm_can_serve(model_path, on_cpu)
-                configure_ray_data()
-                try:
-                    for fragments in build(pending, state.layout.fragments).iter_batches(
-                        batch_size=None, batch_format="pyarrow"
-                    ):
-                        state.record(fragments)
-                except ray.exceptions.RayActorError as e:
-                    raise PipelineError(
-                        f"a scoring worker died {cfg.scoring.max_restarts + 1} times "
-                        f"(scoring.max_restarts = {cfg.scoring.max_restarts}): "
-                        f"{str(e).strip().splitlines()[0]}. The {len(state.done_partitions())} "
-                        "finished partitions are kept: re-running the same command resumes."
-                    ) from e
-            finally:
-                if we_started_ray:
-                    ray.shutdown()
+            rows = sum(p["row_count"] for p in pending)
+            with timings.stage("score", rows=rows):
+                _score_pending(cfg, model_path, state, pending, build)
         state.check_complete()
         fault_point("score.before_finalize")
-        if raw_text is not None:
-            state.deduplicate(raw_text)
-        carried = sorted(carried_rejects.glob("*.parquet")) if carried_rejects else []
-        summary = summarise(state.totals(), layout, epoch, n_sources, carried)
+        with timings.stage("finish scores", rows=plan.rows):
+            if raw_text is not None:
+                state.deduplicate(raw_text)
+            carried = sorted(carried_rejects.glob("*.parquet")) if carried_rejects else []
+            summary = summarise(state.totals(), layout, epoch, n_sources, carried)
         summary.seconds = time.perf_counter() - started
         summary.backend = cfg.scoring.backend
         summary.model_path = model_path
@@ -479,12 +501,51 @@ def execute_scoring(
         summary.source_rows = plan.source_rows
         summary.unreadable_sources = plan.unreadable
         summary.fingerprint = plan.fingerprint
+        summary.limit = plan.limit
+        summary.stages = timings.to_list()
         summary.extra = extra or {}
         state.finalize(summary.to_json(), cfg.to_json(), carried)
     state.publish(layout.rejects_dir(epoch), layout.scores_dir(epoch))
     layout.remove_staging_dir(state.layout.root)
     fault_point("score.published")
     return summary
+
+
+def _score_pending(
+    cfg: QTuneConfig,
+    model_path: str,
+    state: ScoringState,
+    pending: list[dict[str, Any]],
+    build: Callable[[list[dict[str, Any]], Path], ray.data.Dataset],
+) -> None:
+    """Run the Ray pipeline over the unfinished partitions, completing each as it arrives."""
+    import ray
+
+    we_started_ray = init_ray(cfg)
+    try:
+        if cfg.scoring.backend == "vllm":
+            on_cpu = not ray.cluster_resources().get("GPU", 0)
+            check_vllm_can_serve(model_path, on_cpu)
+        configure_ray_data()
+        dataset = build(pending, state.layout.fragments)
+        total = sum(p["row_count"] for p in pending)
+        with StepProgress("scoring", total) as progress:
+            for fragments in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+                state.record(fragments)
+                progress.advance(
+                    int(pc.sum(fragments.column("rows")).as_py() or 0),
+                    int(pc.sum(fragments.column("tokens")).as_py() or 0),
+                )
+    except ray.exceptions.RayActorError as e:
+        raise PipelineError(
+            f"a scoring worker died {cfg.scoring.max_restarts + 1} times "
+            f"(scoring.max_restarts = {cfg.scoring.max_restarts}): "
+            f"{str(e).strip().splitlines()[0]}. The {len(state.done_partitions())} "
+            "finished partitions are kept: re-running the same command resumes."
+        ) from e
+    finally:
+        if we_started_ray:
+            ray.shutdown()
 
 
 def summarise(

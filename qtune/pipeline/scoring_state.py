@@ -58,6 +58,7 @@ class ScoringPlan:
     fingerprint: dict[str, str]  # named parts, so a mismatch can say what changed
     source_rows: dict[str, int] = field(default_factory=dict)
     unreadable: list[dict[str, str]] = field(default_factory=list)  # [{path, error}]
+    limit: int | None = None  # --limit: only the first N input rows (a partial run)
 
     @property
     def rows(self) -> int:

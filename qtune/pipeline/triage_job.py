@@ -23,15 +23,16 @@ import pyarrow.parquet as pq
 
 from qtune import schema
 from qtune.faults import fault_point
-from qtune.pipeline.config import QTuneConfig
+from qtune.pipeline.config import QTuneConfig, QTuningConfig
 from qtune.pipeline.errors import PipelineError
 from qtune.pipeline.layout import OutputLayout, epoch_name
 from qtune.pipeline.lock import OutputLock
+from qtune.pipeline.progress import StageTimings, StepProgress
 from qtune.pipeline.publish import MANIFEST, publish_version, sha256_text
 from qtune.schema import DropReason
 from qtune.stages.shards import ShardWriter, build_shard_rows, file_sha256, stamp_files
 from qtune.stages.token_prune import prune_loss_mask
-from qtune.stages.triage import QUADRANT_NAMES, QUADRANTS, Decisions, triage
+from qtune.stages.triage import QUADRANT_NAMES, QUADRANTS, Decisions, coverage, triage
 
 logger = logging.getLogger(__name__)
 
@@ -74,12 +75,20 @@ class TriageSummary:
     migration: dict | None = None
     per_source: dict[str, dict[str, int]] = field(default_factory=dict)
     unreadable_sources: list[dict[str, str]] = field(default_factory=list)
+    stages: list[dict] = field(default_factory=list)  # scoring's stages, then triage's
+    coverage: dict = field(default_factory=dict)  # per group: input vs kept share
+    limit: int | None = None  # a partial (--limit) run
     files: int = 0
     seconds: float = 0.0
     timings: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _present(path: Path, columns: list[str]) -> list[str]:
+    names = set(pq.read_schema(path).names)
+    return [c for c in columns if c in names]
 
 
 def _rejects_by_source(directory: Path) -> dict[str, int]:
@@ -134,7 +143,9 @@ def accounting_problems(counts: dict, per_source: dict[str, dict[str, int]] | No
     return problems
 
 
-def _quadrant_table(stats: pa.Table, decisions: Decisions, kept_loss: np.ndarray) -> dict:
+def _quadrant_table(
+    stats: pa.Table, decisions: Decisions, token_pruned: np.ndarray, kept_loss: np.ndarray
+) -> dict:
     ppl = stats.column(schema.PPL).to_numpy()
     entropy = stats.column(schema.ENTROPY).to_numpy()
     response = stats.column(schema.N_RESPONSE_TOKENS).to_numpy().astype(np.int64)
@@ -148,7 +159,7 @@ def _quadrant_table(stats: pa.Table, decisions: Decisions, kept_loss: np.ndarray
             "share": n / len(ppl),
             "kept": int((rows & decisions.kept).sum()),
             "filled": int((rows & decisions.filled).sum()),
-            "token_pruned": int((rows & decisions.token_pruned).sum()),
+            "token_pruned": int((rows & token_pruned).sum()),
             "mean_ppl": float(ppl[rows].mean()) if n else None,
             "mean_entropy": float(entropy[rows].mean()) if n else None,
             "response_tokens": int(response[rows].sum()),
@@ -157,7 +168,9 @@ def _quadrant_table(stats: pa.Table, decisions: Decisions, kept_loss: np.ndarray
     return table
 
 
-def _dropped_index(stats: pa.Table, decisions: Decisions, policy: str) -> pa.Table:
+def _dropped_index(
+    stats: pa.Table, decisions: Decisions, policy: str, groups: np.ndarray
+) -> pa.Table:
     dropped = np.flatnonzero(~decisions.kept)
     reason = DropReason.OUTSIDE_CORNERS if policy == "qtuning" else DropReason.BELOW_BUDGET
     rows = stats.take(dropped)
@@ -170,9 +183,88 @@ def _dropped_index(stats: pa.Table, decisions: Decisions, policy: str) -> pa.Tab
             schema.REASON: pa.array([reason.value] * len(dropped), pa.string()),
             schema.SOURCE: rows.column(schema.SOURCE),
             schema.ROW_INDEX: rows.column(schema.ROW_INDEX),
+            schema.GROUP: pa.array(groups[dropped], pa.string()),
         },
         schema=schema.DROPPED_SCHEMA,
     )
+
+
+def sample_groups(stats: pa.Table, group_by: str | None) -> np.ndarray:
+    """Each sample's group: its source file (``group_by`` unset or ``file``) or the value of
+    an input field kept in the cache's ``metadata`` (``(no <field>)`` where a row lacks it)."""
+    if group_by in (None, "file"):
+        return np.asarray(stats.column(schema.SOURCE).to_numpy(zero_copy_only=False), dtype=object)
+    if schema.METADATA not in stats.column_names:
+        raise PipelineError(
+            f"qtuning.group_by {group_by!r}: this scored cache has no input fields (it was "
+            "scored by an older qtune); re-score it or use group_by: file"
+        )
+    values = (
+        pl.from_arrow(stats.select([schema.METADATA]))
+        .get_column(schema.METADATA)
+        .str.json_path_match(f"$.{group_by}")
+        .fill_null(f"(no {group_by})")
+    )
+    if (values == f"(no {group_by})").all():
+        raise PipelineError(
+            f"qtuning.group_by {group_by!r}: no input row has that field; set it to `file` or "
+            "to a field the rows carry"
+        )
+    return values.to_numpy().astype(object)
+
+
+def _prune_and_write(
+    files: list[Path],
+    decisions: Decisions,
+    token_pruned: np.ndarray,
+    q: QTuningConfig,
+    writer: ShardWriter,
+    progress: StepProgress,
+    groups: np.ndarray,
+) -> tuple[np.ndarray, int]:
+    """Stream the scored cache once: prune the kept samples' tokens and write their shard rows.
+
+    Returns kept loss tokens per sample (0 for dropped ones) and the number of rows read.
+    """
+    kept_loss = np.zeros(len(decisions.kept), dtype=np.int64)
+    offset = 0
+    for path in files:
+        for record_batch in pq.ParquetFile(path).iter_batches(
+            batch_size=READ_BATCH_ROWS, columns=SHARD_INPUT_COLUMNS
+        ):
+            start = offset
+            offset += record_batch.num_rows
+            progress.advance(record_batch.num_rows)
+            local = np.flatnonzero(decisions.kept[start:offset])
+            if not len(local):
+                continue
+            index = start + local
+            batch = pa.Table.from_batches([record_batch]).take(local)
+            token_offsets, loss_mask = schema.list_offsets_and_values(
+                batch.column(schema.LOSS_MASK)
+            )
+            _, logprob = schema.list_offsets_and_values(batch.column(schema.TOKEN_LOGPROB))
+            new_mask = prune_loss_mask(
+                token_offsets,
+                loss_mask,
+                logprob,
+                token_pruned[index],
+                q.token_ratio,
+                q.lam,
+                q.token_policy,
+                decisions.keys[index],
+            )
+            rows = build_shard_rows(
+                batch,
+                decisions.quadrant[index],
+                decisions.filled[index],
+                token_pruned[index],
+                new_mask,
+                groups[index],
+            )
+            kept_loss[index] = rows.column(schema.NUM_LOSS_TOKENS).to_numpy()
+            writer.add(rows, decisions.keys[index])
+    return kept_loss, offset
 
 
 def migration_from_parent(
@@ -242,7 +334,12 @@ def _triage(cfg: QTuneConfig, epoch: int | None, target: OutputLayout) -> Triage
     score_summary = json.loads(source.score_summary(epoch).read_text())
     q = cfg.qtuning
 
-    stats = pa.concat_tables([pq.read_table(f, columns=STAT_COLUMNS) for f in files])
+    stages = StageTimings()
+    columns = STAT_COLUMNS + ([schema.METADATA] if q.group_by not in (None, "file") else [])
+    with stages.stage("read sample scores"):
+        stats = pa.concat_tables([pq.read_table(f, columns=_present(f, columns)) for f in files])
+        groups = sample_groups(stats, q.group_by)
+    stages.stages[-1].rows = stats.num_rows
     timings["read_stats_s"] = time.perf_counter() - started
     tick = time.perf_counter()
     decisions = triage(
@@ -256,8 +353,12 @@ def _triage(cfg: QTuneConfig, epoch: int | None, target: OutputLayout) -> Triage
         batch_size=q.batch_size,
         seed=q.seed,
         normalize=q.normalize,
+        groups=groups if q.scope == "group" else None,
+        group_ratios=q.group_ratios,
+        min_group_size=q.min_group_size,
     )
     timings["triage_s"] = time.perf_counter() - tick
+    stages.add("triage", timings["triage_s"], stats.num_rows)
     n_filled = int(decisions.filled.sum())
     if n_filled > decisions.kept.sum() / 2:
         logger.warning(
@@ -282,54 +383,29 @@ def _triage(cfg: QTuneConfig, epoch: int | None, target: OutputLayout) -> Triage
     staging = target.new_staging_dir(f"triage-{epoch:03d}")
     try:
         n_kept = int(decisions.kept.sum())
+        if n_kept == 0:
+            raise PipelineError(
+                f"triage kept no sample of {len(decisions.kept):,}: every group is smaller "
+                f"than qtuning.min_group_size ({q.min_group_size}) with r * n < 1; raise "
+                "qtuning.sample_ratio or lower qtuning.min_group_size"
+            )
         writer = ShardWriter(
             staging / "train", min(cfg.output.num_shards, n_kept), cfg.output.row_group_rows
         )
-        kept_loss = np.zeros(len(decisions.kept), dtype=np.int64)
-        offset = 0
-        for path in files:
-            for record_batch in pq.ParquetFile(path).iter_batches(
-                batch_size=READ_BATCH_ROWS, columns=SHARD_INPUT_COLUMNS
-            ):
-                start = offset
-                offset += record_batch.num_rows
-                local = np.flatnonzero(decisions.kept[start:offset])
-                if not len(local):
-                    continue
-                index = start + local
-                batch = pa.Table.from_batches([record_batch]).take(local)
-                token_offsets, loss_mask = schema.list_offsets_and_values(
-                    batch.column(schema.LOSS_MASK)
-                )
-                _, logprob = schema.list_offsets_and_values(batch.column(schema.TOKEN_LOGPROB))
-                new_mask = prune_loss_mask(
-                    token_offsets,
-                    loss_mask,
-                    logprob,
-                    token_pruned[index],
-                    q.token_ratio,
-                    q.lam,
-                    q.token_policy,
-                    decisions.keys[index],
-                )
-                rows = build_shard_rows(
-                    batch,
-                    decisions.quadrant[index],
-                    decisions.filled[index],
-                    token_pruned[index],
-                    new_mask,
-                )
-                kept_loss[index] = rows.column(schema.NUM_LOSS_TOKENS).to_numpy()
-                writer.add(rows, decisions.keys[index])
+        with StepProgress("pruning and writing", len(decisions.kept)) as progress:
+            kept_loss, offset = _prune_and_write(
+                files, decisions, token_pruned, q, writer, progress, groups
+            )
         if offset != len(decisions.kept):
             raise PipelineError(f"{scores_dir} changed while it was being triaged")
         shard_files = writer.close()
         shard_hashes = [file_sha256(f.path) for f in shard_files]
         publication = sha256_text(cfg.to_json() + "".join(shard_hashes))[:12]
         shard_files = stamp_files(shard_files, publication)
-        dropped = _dropped_index(stats, decisions, q.policy)
+        dropped = _dropped_index(stats, decisions, q.policy, groups)
         pq.write_table(dropped, staging / "dropped.parquet", compression="zstd")
         timings["prune_write_s"] = time.perf_counter() - tick
+        stages.add("prune tokens, write shards", timings["prune_write_s"], stats.num_rows)
 
         rejected_by_source = _rejects_by_source(source.rejects_dir(epoch))
         rejected = sum(rejected_by_source.values())
@@ -349,7 +425,22 @@ def _triage(cfg: QTuneConfig, epoch: int | None, target: OutputLayout) -> Triage
         problems = accounting_problems(counts, counts.get("per_source"))
         if problems:
             raise PipelineError("row accounting does not add up: " + "; ".join(problems))
-        quadrants = _quadrant_table(stats, decisions, kept_loss)
+        quadrants = _quadrant_table(stats, decisions, token_pruned, kept_loss)
+        group_coverage = {
+            "group_by": q.group_by or "file",
+            **coverage(groups, decisions.kept, kept_loss, q.coverage_min_fraction),
+        }
+        if group_coverage["under_covered"]:
+            logger.warning(
+                "under-represented among the kept samples (kept share below %.0f%% of input "
+                "share): %s%s",
+                100 * q.coverage_min_fraction,
+                ", ".join(group_coverage["under_covered"]),
+                ""
+                if q.scope == "group"
+                else f"; triage within each group keeps every part: --set qtuning.scope=group "
+                f"--set qtuning.group_by={q.group_by or 'file'}",
+            )
         migration = migration_from_parent(target, epoch - 1, stats, decisions) if epoch else None
         timings["total_s"] = time.perf_counter() - started
         manifest = {
@@ -386,11 +477,16 @@ def _triage(cfg: QTuneConfig, epoch: int | None, target: OutputLayout) -> Triage
                 **score_summary.get("extra", {}),
             },
             "migration": migration,
+            "coverage": group_coverage,
             "scores": {"dir": str(scores_dir), "summary": score_summary},
             "timings": timings,
+            "stages": {"scoring": score_summary.get("stages", []), "triage": stages.to_list()},
+            "partial": {"limit": score_summary["limit"]} if score_summary.get("limit") else None,
         }
         fault_point("triage.staged")
+        tick = time.perf_counter()
         version_dir = publish_version(target, epoch, staging, manifest)
+        stages.add("publish", time.perf_counter() - tick)
     finally:
         target.remove_staging_dir(staging)
     return TriageSummary(
@@ -411,6 +507,9 @@ def _triage(cfg: QTuneConfig, epoch: int | None, target: OutputLayout) -> Triage
         per_source=counts.get("per_source", {}),
         unreadable_sources=score_summary.get("unreadable_sources", []),
         files=len(shard_files),
+        stages=score_summary.get("stages", []) + stages.to_list(),
+        coverage=group_coverage,
+        limit=score_summary.get("limit"),
         seconds=time.perf_counter() - started,
         timings=timings,
     )

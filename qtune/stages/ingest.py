@@ -9,9 +9,10 @@ Sources are JSONL files, JSON-array files, Parquet files and ``datasets`` direct
 - ``prompt_completion``: ``{"prompt", "completion"}`` (strings, or lists of messages)
 
 Output columns (``schema.NORMALIZED_SCHEMA``): ``sample_id``, ``source``, ``row_index``,
-``format``, ``messages`` (list<struct<role, content>>), ``raw`` (original row text, rejected rows
-only), ``reject_reason`` / ``reject_detail`` (null for usable rows). One output row per input row:
-a row that cannot be used is flagged, never dropped.
+``partition``, ``format``, ``metadata`` (the row's short scalar fields as JSON), ``messages``
+(list<struct<role, content>>), ``raw`` (original row text, rejected rows only),
+``reject_reason`` / ``reject_detail`` (null for usable rows). One output row per input row: a
+row that cannot be used is flagged, never dropped.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -165,7 +166,9 @@ class UnreadableSource:
     error: str
 
 
-def _jsonl_partitions(path: str, rows_per_partition: int) -> list[tuple[int, int, int]]:
+def _jsonl_partitions(
+    path: str, rows_per_partition: int, max_rows: int | None = None
+) -> list[tuple[int, int, int]]:
     """(row_start, row_count, byte_offset) per partition; blank lines are not rows."""
     spans: list[tuple[int, int, int]] = []
     rows = 0
@@ -173,6 +176,8 @@ def _jsonl_partitions(path: str, rows_per_partition: int) -> list[tuple[int, int
     start_offset = 0
     with open(path, "rb") as f:
         for line in f:
+            if max_rows is not None and rows >= max_rows:
+                break
             if line.strip():
                 if rows % rows_per_partition == 0:
                     if rows:
@@ -218,9 +223,39 @@ def _load_saved_dataset(path: str, split: str):
 
 
 def plan_source(
-    source: Source, fmt: str | None, first_index: int, rows_per_partition: int, split: str = "train"
+    source: Source,
+    fmt: str | None,
+    first_index: int,
+    rows_per_partition: int,
+    split: str = "train",
+    max_rows: int | None = None,
 ) -> list[Partition]:
-    """Split one source into partitions numbered from ``first_index``. Raises InputError."""
+    """Split one source into partitions numbered from ``first_index``. Raises InputError.
+
+    ``max_rows``: plan only the source's first rows (a ``--limit`` run).
+    """
+    partitions = _plan_source(source, fmt, first_index, rows_per_partition, split, max_rows)
+    if max_rows is None:
+        return partitions
+    limited, left = [], max_rows
+    for partition in partitions:
+        if left <= 0:
+            break
+        if partition.row_count > left:
+            partition = replace(partition, row_count=left)
+        limited.append(partition)
+        left -= partition.row_count
+    return limited
+
+
+def _plan_source(
+    source: Source,
+    fmt: str | None,
+    first_index: int,
+    rows_per_partition: int,
+    split: str,
+    max_rows: int | None,
+) -> list[Partition]:
 
     def make(i: int, row_start: int, row_count: int, **extra: Any) -> Partition:
         return Partition(
@@ -234,7 +269,7 @@ def plan_source(
                 # json has no streaming parser: an array is one partition (use JSONL at scale).
                 return [make(0, 0, len(rows))] if rows else []
         if source.kind in ("jsonl", "json"):
-            spans = _jsonl_partitions(source.path, rows_per_partition)
+            spans = _jsonl_partitions(source.path, rows_per_partition, max_rows)
             return [make(i, a, n, byte_offset=o) for i, (a, n, o) in enumerate(spans)]
         if source.kind == "parquet":
             try:
@@ -482,6 +517,37 @@ def normalize_row(row: Any, fmt: str) -> list[dict[str, str]]:
     return turns
 
 
+# Fields that hold the conversation itself, never metadata.
+_CONTENT_FIELDS = {
+    "messages",
+    "conversations",
+    "instruction",
+    "input",
+    "output",
+    "system",
+    "prompt",
+    "completion",
+}
+_METADATA_MAX_CHARS = 256
+
+
+def row_metadata(row: Any) -> str | None:
+    """JSON of a row's short scalar top-level fields (``task``, ``category``, ``source``...):
+    what triage can group by later without re-reading the input. None when there are none."""
+    if not isinstance(row, dict):
+        return None
+    fields = {
+        str(k): v
+        for k, v in row.items()
+        if k not in _CONTENT_FIELDS
+        and (
+            isinstance(v, bool | int | float)
+            or (isinstance(v, str) and len(v) <= _METADATA_MAX_CHARS)
+        )
+    }
+    return json.dumps(fields, ensure_ascii=False, sort_keys=True) if fields else None
+
+
 def content_hash(messages: list[dict[str, str]]) -> str:
     """Stable id for rows without an ``id``: a hash of the normalised conversation."""
     payload = json.dumps(messages, ensure_ascii=False, separators=(",", ":"))
@@ -539,6 +605,7 @@ def normalize_batch(partition: Partition, rows: list[RawRow]) -> pa.Table:
         columns[schema.ROW_INDEX].append(index)
         columns[schema.PARTITION].append(partition.index)
         columns[schema.FORMAT].append(row_fmt)
+        columns[schema.METADATA].append(row_metadata(value))
         columns[schema.MESSAGES].append(messages)
         columns[schema.RAW].append(_raw_text(value, raw) if reason else None)
         columns[schema.REJECT_REASON].append(reason)
@@ -560,6 +627,7 @@ def unreadable_rows(partition: Partition, first_index: int, error: str) -> pa.Ta
             schema.ROW_INDEX: indices,
             schema.PARTITION: [partition.index] * n,
             schema.FORMAT: [partition.format] * n,
+            schema.METADATA: [None] * n,
             schema.MESSAGES: [None] * n,
             schema.RAW: [None] * n,
             schema.REJECT_REASON: [RejectReason.UNREADABLE_SOURCE.value] * n,

@@ -27,8 +27,9 @@ def build_shard_rows(
     filled: np.ndarray,
     token_pruned: np.ndarray,
     new_loss_mask: np.ndarray,
+    groups: np.ndarray | None = None,
 ) -> pa.Table:
-    """Kept cache rows + their flags and new flat loss mask -> SHARD_SCHEMA rows."""
+    """Kept cache rows + their flags, new flat loss mask and groups -> SHARD_SCHEMA rows."""
     schema.require_columns(batch, [schema.SAMPLE_ID, schema.INPUT_IDS, schema.SOURCE], "shards")
     offsets, ids = schema.list_offsets_and_values(batch.column(schema.INPUT_IDS))
     arrow_offsets = pa.array(offsets.astype(np.int32))
@@ -56,6 +57,9 @@ def build_shard_rows(
             schema.NUM_LOSS_TOKENS: pa.array(num_loss),
             schema.LENGTH: pa.array(lengths),
             schema.SOURCE: batch.column(schema.SOURCE),
+            schema.GROUP: pa.array(groups, pa.string())
+            if groups is not None
+            else pa.nulls(batch.num_rows, pa.string()),
         },
         schema=schema.SHARD_SCHEMA,
     )

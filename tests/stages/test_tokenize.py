@@ -137,6 +137,7 @@ def test_stage_batch_flags_rejects_and_keeps_alignment(model_with_template):
             schema.ROW_INDEX: [0, 1, 2],
             schema.PARTITION: [0, 0, 0],
             schema.FORMAT: ["messages", None, "messages"],
+            schema.METADATA: [None, None, None],
             schema.MESSAGES: [CHAT, None, long_chat],
             schema.RAW: [None, "{", None],
             schema.REJECT_REASON: [None, "invalid_json", None],

@@ -1,12 +1,15 @@
-"""Triage against a brute-force reference on random and adversarial inputs; baselines."""
+"""Triage against a brute-force reference on random and adversarial inputs; baselines; group
+scope and coverage."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pyarrow as pa
 import pytest
 
-from qtune.stages.triage import POLICIES, quadrant_labels, stable_hash64, triage
+from qtune.stages.triage import POLICIES, coverage, quadrant_labels, stable_hash64, triage
 
 
 def _ids(n: int) -> pa.Array:
@@ -199,3 +202,231 @@ def test_decisions_do_not_depend_on_row_order(scope):
     )
     for field in ("kept", "filled", "token_pruned", "quadrant"):
         assert np.array_equal(getattr(b, field), getattr(a, field)[order]), field
+
+
+# --- group scope ----------------------------------------------------------------------------------
+
+
+def _mixed_corpus(n_hard: int = 400, n_easy: int = 200, seed: int = 21):
+    """A spread-out "hard" task and a uniformly easy one (low PPL and low entropy: Q3 globally)."""
+    rng = np.random.default_rng(seed)
+    ppl = np.concatenate(
+        [np.exp(rng.normal(1.5, 0.6, n_hard)), np.exp(rng.normal(-1, 0.1, n_easy))]
+    )
+    ent = np.concatenate([rng.gamma(2, 1, n_hard) + 1.0, rng.uniform(0.05, 0.15, n_easy)])
+    groups = np.array(["hard"] * n_hard + ["easy"] * n_easy)
+    return ppl, ent, groups, _ids(n_hard + n_easy)
+
+
+def test_group_scope_keeps_an_easy_group_that_global_scope_starves():
+    ppl, ent, groups, ids = _mixed_corpus()
+    n = len(ppl)
+    easy = groups == "easy"
+    glob = triage("qtuning", ppl, ent, np.ones(n), ids, sample_ratio=0.25)
+    proportional = glob.kept.sum() * easy.mean()
+    assert glob.kept[easy].sum() < 0.1 * proportional
+    grouped = triage(
+        "qtuning", ppl, ent, np.ones(n), ids, sample_ratio=0.25, scope="group", groups=groups
+    )
+    t = grouped.thresholds
+    assert t["scope"] == "group" and t["policy"] == "qtuning" and t["small_groups"] == []
+    for name, size in (("hard", 400), ("easy", 200)):
+        members = np.flatnonzero(groups == name)
+        assert grouped.kept[members].sum() == int(np.floor(0.25 * size))
+        assert {k: t["groups"][name][k] for k in ("n", "k", "ratio", "small")} == {
+            "n": size,
+            "k": int(np.floor(0.25 * size)),
+            "ratio": 0.25,
+            "small": False,
+        }
+        # Within a group: exactly Q-Tuning on that group alone (same a, same decisions, labels).
+        alone = triage(
+            "qtuning",
+            ppl[members],
+            ent[members],
+            np.ones(size),
+            ids.take(members),
+            sample_ratio=0.25,
+        )
+        for field in ("kept", "filled", "token_pruned", "quadrant"):
+            assert np.array_equal(getattr(grouped, field)[members], getattr(alone, field)), field
+        for key in ("a", "ppl_low", "ppl_high", "entropy_low", "entropy_high", "ppl_median"):
+            assert t["groups"][name][key] == alone.thresholds[key], key
+    json.dumps(t, allow_nan=False)
+
+
+def test_group_ratios_override_sample_ratio():
+    rng = np.random.default_rng(22)
+    n = 120
+    ppl, ent = np.exp(rng.normal(size=n)), rng.gamma(2, 1, n)
+    groups = np.array(["a"] * 40 + ["b"] * 80)
+    d = triage(
+        "qtuning",
+        ppl,
+        ent,
+        np.ones(n),
+        _ids(n),
+        sample_ratio=0.25,
+        scope="group",
+        groups=groups,
+        group_ratios={"a": 0.5},
+    )
+    assert d.kept[groups == "a"].sum() == 20 and d.kept[groups == "b"].sum() == 20
+    assert d.thresholds["groups"]["a"]["ratio"] == 0.5
+    assert d.thresholds["groups"]["b"]["ratio"] == 0.25
+    with pytest.raises(ValueError, match=r"group_ratios\['a'\] = 1.5"):
+        triage(
+            "qtuning",
+            ppl,
+            ent,
+            np.ones(n),
+            _ids(n),
+            sample_ratio=0.25,
+            scope="group",
+            groups=groups,
+            group_ratios={"a": 1.5},
+        )
+
+
+def test_small_group_keeps_floor_by_support_score():
+    rng = np.random.default_rng(23)
+    ppl = np.concatenate([np.exp(rng.normal(size=50)), [1.0, 2.0, 4.0, 8.0, 16.0], [3.0, 1.0, 2.0]])
+    ent = np.concatenate([rng.gamma(2, 1, 50), [0.5, 3.0, 1.0, 1.0, 0.2], [1.0, 2.0, 1.5]])
+    groups = np.array(["big"] * 50 + ["tiny"] * 5 + ["tinier"] * 3)
+    n, ids = len(ppl), _ids(len(ppl))
+    options = dict(sample_ratio=0.5, scope="group", groups=groups)
+    d = triage("qtuning", ppl, ent, np.ones(n), ids, **options, group_ratios={"tinier": 0.25})
+    tiny = np.flatnonzero(groups == "tiny")
+    # floor(0.5 * 5) = 2 by the support |P - E| (min-max within the group), ties by hash.
+    p = (ppl[tiny] - ppl[tiny].min()) / np.ptp(ppl[tiny])
+    e = (ent[tiny] - ent[tiny].min()) / np.ptp(ent[tiny])
+    keys = stable_hash64(ids)[tiny]
+    best = sorted(range(5), key=lambda i: (-abs(p[i] - e[i]), keys[i]))[:2]
+    assert set(np.flatnonzero(d.kept[tiny])) == set(best)
+    assert np.array_equal(d.filled[tiny], d.kept[tiny])
+    assert np.array_equal(d.token_pruned[tiny], d.kept[tiny] & (p >= e))
+    assert np.array_equal(d.quadrant[tiny], quadrant_labels(ppl[tiny][None], ent[tiny][None])[0])
+    # floor(0.25 * 3) = 0: a tiny group may keep nothing (no max(1, ...) below min_group_size).
+    assert d.kept[groups == "tinier"].sum() == 0
+    assert d.kept[groups == "big"].sum() == 25
+    t = d.thresholds
+    assert t["groups"]["tiny"] == {"n": 5, "k": 2, "ratio": 0.5, "small": True}
+    assert t["groups"]["tinier"] == {"n": 3, "k": 0, "ratio": 0.25, "small": True}
+    assert not t["groups"]["big"]["small"] and "a" in t["groups"]["big"]
+    assert sorted(t["small_groups"]) == ["tinier", "tiny"]
+    json.dumps(t, allow_nan=False)
+    # With a lower min_group_size the tiny group is triaged by Q-Tuning, K = max(1, floor(...)).
+    d = triage("qtuning", ppl, ent, np.ones(n), ids, **options, min_group_size=3)
+    assert d.thresholds["small_groups"] == [] and d.kept[groups == "tinier"].sum() == 1
+
+
+def test_group_scope_does_not_depend_on_row_order():
+    rng = np.random.default_rng(24)
+    n = 157
+    ppl, ent = np.round(rng.gamma(2, 1, n), 1), np.round(rng.gamma(2, 1, n), 1)  # with ties
+    groups = rng.choice([0, 1, 2, 3], n, p=[0.6, 0.3, 0.07, 0.03])  # integer labels, one tiny
+    ids = _ids(n)
+    order = rng.permutation(n)
+    options = dict(sample_ratio=0.3, scope="group", group_ratios={"1": 0.5}, min_group_size=8)
+    a = triage("qtuning", ppl, ent, np.ones(n), ids, groups=groups, **options)
+    b = triage(
+        "qtuning",
+        ppl[order],
+        ent[order],
+        np.ones(n),
+        ids.take(order),
+        groups=groups[order],
+        **options,
+    )
+    for field in ("kept", "filled", "token_pruned", "quadrant"):
+        assert np.array_equal(getattr(b, field), getattr(a, field)[order]), field
+    assert a.thresholds == b.thresholds
+    assert a.thresholds["groups"]["1"]["ratio"] == 0.5 and a.thresholds["small_groups"] == ["3"]
+
+
+@pytest.mark.parametrize("policy", ["random", "ppl", "entropy", "longest", "shortest"])
+def test_baselines_with_group_scope_keep_top_k_per_group(policy):
+    rng = np.random.default_rng(25)
+    n = 90
+    ppl, ent = rng.gamma(2, 1, n), rng.gamma(2, 1, n)
+    length = rng.integers(5, 500, n)
+    groups = np.array(["x"] * 60 + ["y"] * 25 + ["z"] * 5)
+    ids = _ids(n)
+    d = triage(
+        policy,
+        ppl,
+        ent,
+        length,
+        ids,
+        sample_ratio=0.2,
+        seed=3,
+        scope="group",
+        groups=groups,
+        group_ratios={"y": 0.4},
+    )
+    score = {"ppl": ppl, "entropy": ent, "longest": length, "shortest": -length}.get(policy)
+    for name, k in (("x", 12), ("y", 10), ("z", 1)):  # z is small: floor(0.2 * 5) = 1
+        members = np.flatnonzero(groups == name)
+        assert d.kept[members].sum() == k
+        if score is not None:
+            keys = stable_hash64(ids)[members]
+            top = np.lexsort((keys, -score[members]))[:k]  # ties by the sample-id hash
+            assert set(np.flatnonzero(d.kept[members])) == set(top)
+        np.testing.assert_array_equal(
+            d.quadrant[members], quadrant_labels(ppl[members][None], ent[members][None])[0]
+        )
+    assert np.array_equal(d.token_pruned, d.kept) and not d.filled.any()
+    assert d.thresholds["policy"] == policy and d.thresholds["small_groups"] == ["z"]
+    json.dumps(d.thresholds, allow_nan=False)
+
+
+def test_coverage_flags_the_group_that_global_scope_starves():
+    ppl, ent, groups, ids = _mixed_corpus()
+    n = len(ppl)
+    loss_tokens = np.full(n, 10)
+    glob = triage("qtuning", ppl, ent, np.ones(n), ids, sample_ratio=0.25)
+    report = coverage(groups, glob.kept, loss_tokens)
+    assert report["under_covered"] == ["easy"]
+    easy = report["groups"]["easy"]
+    assert easy["under_covered"] and easy["input_samples"] == 200
+    assert easy["input_share"] == pytest.approx(1 / 3)
+    assert easy["kept_samples"] == glob.kept[groups == "easy"].sum()
+    assert report["kept_samples"] == 150 and report["kept_loss_tokens"] == 1500
+    assert report["groups"]["hard"]["kept_share"] == pytest.approx(
+        glob.kept[groups == "hard"].sum() / 150
+    )
+    json.dumps(report, allow_nan=False)
+
+    grouped = triage(
+        "qtuning", ppl, ent, np.ones(n), ids, sample_ratio=0.25, scope="group", groups=groups
+    )
+    # Only kept samples' loss tokens count; pruning shows up in what the caller passes.
+    pruned_tokens = np.where(grouped.token_pruned, 5, 10)
+    report = coverage(pa.array(groups), grouped.kept, pruned_tokens)
+    assert report["under_covered"] == []
+    assert report["groups"]["easy"]["kept_samples"] == 50
+    assert report["groups"]["easy"]["kept_share"] == pytest.approx(50 / 150)
+    assert report["kept_loss_tokens"] == int(pruned_tokens[grouped.kept].sum())
+
+
+def test_scope_errors():
+    ppl, ent, groups, ids = _mixed_corpus(20, 10)
+    n = len(ppl)
+    for policy in ("qtuning", "random"):
+        with pytest.raises(ValueError, match="unknown scope 'task'; valid: global, batch, group"):
+            triage(policy, ppl, ent, np.ones(n), ids, sample_ratio=0.25, scope="task")
+        with pytest.raises(ValueError, match="scope 'group' needs groups"):
+            triage(policy, ppl, ent, np.ones(n), ids, sample_ratio=0.25, scope="group")
+        with pytest.raises(ValueError, match="groups has 29 labels; expected one per sample"):
+            triage(
+                policy,
+                ppl,
+                ent,
+                np.ones(n),
+                ids,
+                sample_ratio=0.25,
+                scope="group",
+                groups=groups[1:],
+            )
+    with pytest.raises(ValueError, match="groups has 1 missing labels"):
+        coverage(np.array(["a", None, "b"], dtype=object), np.ones(3, bool), np.ones(3))

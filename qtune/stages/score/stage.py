@@ -136,6 +136,7 @@ RESCORE_INPUT_COLUMNS = [
     schema.SOURCE,
     schema.ROW_INDEX,
     schema.FORMAT,
+    schema.METADATA,
     schema.INPUT_IDS,
     schema.LOSS_MASK,
     schema.N_TOKENS,

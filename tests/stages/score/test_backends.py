@@ -92,6 +92,7 @@ def test_score_stage_on_literal_batch(llama_dir, tokenizer):
             schema.ROW_INDEX: [0, 1, 2],
             schema.PARTITION: pa.array([0, 0, 0], pa.int32()),
             schema.FORMAT: ["messages"] * 3,
+            schema.METADATA: pa.nulls(3, pa.string()),
             schema.MESSAGES: pa.nulls(3, pa.list_(schema.MESSAGE_TYPE)),
             schema.RAW: [None, "{}", None],
             schema.REJECT_REASON: [None, "invalid_json", None],
