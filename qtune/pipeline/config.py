@@ -79,6 +79,12 @@ class ScoringConfig(_Section):
     num_workers: int | None = Field(
         None, ge=1, description="Scoring actors; default one per GPU (one on a CPU-only node)."
     )
+    tensor_parallel_size: int = Field(
+        1,
+        ge=1,
+        description="vLLM: GPUs per scoring actor (tensor parallel); one actor per this many "
+        "GPUs. 1 for models that fit one GPU (an 8B model in bf16 does).",
+    )
     cpus_per_worker: int = Field(
         1, ge=1, description="CPU cores reserved per scoring actor (its thread count on CPU)."
     )

@@ -115,6 +115,7 @@ def scoring_options(cfg: QTuneConfig, model_path: str | Path | None = None) -> S
         enforce_eager=s.enforce_eager,
         tokens_per_forward=s.tokens_per_forward,
         num_threads=s.cpus_per_worker,
+        tensor_parallel_size=s.tensor_parallel_size,
     )
 
 
@@ -240,16 +241,23 @@ def init_ray(cfg: QTuneConfig) -> bool:
     return True
 
 
-def _scoring_resources(cfg: QTuneConfig) -> dict:
-    import ray
+def scoring_resources(cfg: QTuneConfig, cluster_gpus: int) -> dict:
+    """Ray resources of the scoring actor pool: one actor per ``tensor_parallel_size`` GPUs
+    (per CPU worker without GPUs); tokenisation tasks are scheduled separately on CPUs."""
     import ray.data
 
-    gpus = int(ray.cluster_resources().get("GPU", 0))
     # An explicit restart budget also keeps Ray from fusing tokenisation into the scoring actors.
     common = {"max_restarts": cfg.scoring.max_restarts}
-    if gpus:
-        size = cfg.scoring.num_workers or gpus
-        return {"compute": ray.data.ActorPoolStrategy(size=size), "num_gpus": 1, **common}
+    tp = cfg.scoring.tensor_parallel_size
+    if cluster_gpus:
+        if tp > cluster_gpus:
+            raise PipelineError(
+                f"scoring.tensor_parallel_size {tp} exceeds the cluster's {cluster_gpus} GPU(s)"
+            )
+        size = cfg.scoring.num_workers or cluster_gpus // tp
+        return {"compute": ray.data.ActorPoolStrategy(size=size), "num_gpus": tp, **common}
+    if tp > 1:
+        raise PipelineError("scoring.tensor_parallel_size > 1 needs GPUs; this cluster has none")
     size = cfg.scoring.num_workers or 1
     return {
         "compute": ray.data.ActorPoolStrategy(size=size),
@@ -318,6 +326,8 @@ def score_and_write(
     ds: ray.data.Dataset, cfg: QTuneConfig, model_path: str, fragments_dir: Path
 ) -> ray.data.Dataset:
     """The scoring actor pool and the writer, shared by scoring and re-scoring."""
+    import ray
+
     with warnings.catch_warnings():
         # max_restarts has no named parameter yet; Ray warns about every extra remote arg.
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*is deprecated")
@@ -331,7 +341,7 @@ def score_and_write(
             batch_size=None,
             batch_format="pyarrow",
             udf_modifying_row_count=False,
-            **_scoring_resources(cfg),
+            **scoring_resources(cfg, int(ray.cluster_resources().get("GPU", 0))),
         )
     return ds.map_batches(WriteScores(str(fragments_dir)), batch_size=None, batch_format="pyarrow")
 

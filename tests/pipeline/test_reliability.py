@@ -24,93 +24,13 @@ from qtune import schema
 from qtune.pipeline.cli import app
 from qtune.pipeline.layout import OutputLayout
 from qtune.pipeline.verify import verify_version
-
-CHAT = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5."}]
-
-
-def _line(messages, **extra) -> bytes:
-    return json.dumps({**extra, "messages": messages}).encode()
-
-
-# One line per reason code that ingest and tokenisation can give a row.
-BAD_LINES = {
-    "invalid_json": b'{"messages": [{"role": "user"',
-    "not_an_object": b'["a", "list"]',
-    "missing_field": b'{"text": "no messages here"}',
-    "empty_messages": b'{"messages": []}',
-    "unknown_role": _line([{"role": "wizard", "content": "x"}, CHAT[1]]),
-    "no_assistant_turn": _line(CHAT[:1]),
-    "empty_assistant": _line([CHAT[0], {"role": "assistant", "content": " "}]),
-    "non_string_content": _line([CHAT[0], {"role": "assistant", "content": {"x": 1}}]),
-    "invalid_utf8": b'{"messages": "\xff\xfe"}',
-    "invalid_text": _line([CHAT[0], {"role": "assistant", "content": "a\u0000b"}]),
-    "too_long": _line([CHAT[0], {"role": "assistant", "content": " ".join(["7"] * 400)}]),
-}
-SURROGATE = (
-    b'{"messages": [{"role": "user", "content": "\\ud800"}, {"role": "assistant", "content": "a"}]}'
+from tests.pipeline.mixed_corpus import (
+    BAD_LINES,
+    CHAT,
+    chat_line,
+    published,
+    write_config,
 )
-
-
-def write_mixed_corpus(root: Path) -> Path:
-    """Good rows from the demo corpus, every bad-row case, a repeated id and a corrupt file."""
-    from qtune.demo.corpus import write_demo_corpus
-
-    write_demo_corpus(root, n_samples=60, seed=5)
-    lines = [_line(CHAT, id="dup-1")]
-    for reason, line in BAD_LINES.items():
-        lines += [_line(CHAT, id=f"good-before-{reason}"), line]
-    lines += [SURROGATE, _line(CHAT, id="dup-1")]  # the second dup-1 is rejected
-    (root / "bad.jsonl").write_bytes(b"\n".join(lines) + b"\n")
-    (root / "corrupt.parquet").write_bytes(b"PAR1" + os.urandom(200) + b"PAR1")
-    return root
-
-
-def write_config(
-    path: Path,
-    corpus: Path,
-    model: Path,
-    out: Path,
-    *,
-    max_length: int = 256,
-    workers: int = 1,
-    num_cpus: int = 2,
-) -> Path:
-    lines = [
-        f"input: {{path: {corpus}, partition_rows: 16}}",
-        f"model: {{path: {model}, max_length: {max_length}, overlength: reject}}",
-        f"scoring: {{backend: torch, batch_size: 8, num_workers: {workers}}}",
-        "qtuning: {sample_ratio: 0.3}",
-        f"output: {{dir: {out}, num_shards: 2}}",
-        f"ray: {{num_cpus: {num_cpus}}}",
-    ]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-@pytest.fixture(scope="module")
-def mixed(tmp_path_factory, llama_dir) -> dict:
-    """One clean `qtune run` of the mixed corpus: the reference every other run is held to."""
-    root = tmp_path_factory.mktemp("mixed")
-    corpus = write_mixed_corpus(root / "corpus")
-    out = root / "clean"
-    config = write_config(root / "clean.yaml", corpus, llama_dir, out)
-    result = CliRunner().invoke(app, ["run", str(config)])
-    assert result.exit_code == 0, result.output
-    return {"root": root, "corpus": corpus, "out": out, "output": result.output}
-
-
-def published(out: Path) -> dict:
-    """What a trainer gets, by content: shard and dropped-index hashes, in order; counts."""
-    manifest = json.loads((out / "data/epoch_000/manifest.json").read_text())
-    rejects = pa.concat_tables(
-        [pq.read_table(p) for p in sorted(OutputLayout(out).rejects_dir(0).glob("*.parquet"))]
-    ).sort_by([(schema.SOURCE, "ascending"), (schema.ROW_INDEX, "ascending")])
-    return {
-        "shards": [f["sha256"] for f in manifest["files"]],
-        "dropped": manifest["dropped_index"]["sha256"],
-        "counts": manifest["counts"],
-        "rejects": rejects.drop_columns([schema.DETAIL]).to_pylist(),
-    }
 
 
 def test_every_row_of_a_mixed_corpus_is_kept_dropped_or_rejected(mixed):
@@ -216,7 +136,7 @@ def test_output_dir_of_another_corpus_or_model_is_refused_until_restart(
     runner = CliRunner()
     other = tmp_path / "other"
     other.mkdir()
-    (other / "a.jsonl").write_bytes(_line(CHAT, id="x") + b"\n")
+    (other / "a.jsonl").write_bytes(chat_line(CHAT, id="x") + b"\n")
     config = write_config(tmp_path / "c.yaml", other, llama_dir, mixed["out"])
     before = published(mixed["out"])
     result = runner.invoke(app, ["run", str(config)])

@@ -36,6 +36,7 @@ class ScoringOptions:
     enforce_eager: bool = True
     tokens_per_forward: int = 16384
     num_threads: int | None = None
+    tensor_parallel_size: int = 1
 
 
 class ScoringBackend(Protocol):

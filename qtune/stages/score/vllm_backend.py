@@ -83,6 +83,7 @@ class VllmBackend:
                 enable_prefix_caching=False,
                 enable_chunked_prefill=False,
                 enforce_eager=options.enforce_eager,
+                tensor_parallel_size=options.tensor_parallel_size,
                 gpu_memory_utilization=options.gpu_memory_utilization,
                 skip_tokenizer_init=True,
                 seed=0,

@@ -1,0 +1,58 @@
+"""Scale-out: a real two-node Ray cluster on loopback runs the pipeline with the embedded result;
+the scoring actor pool is sized per GPU (or tensor-parallel group)."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from qtune.pipeline.cli import app
+from qtune.pipeline.config import load_config
+from qtune.pipeline.errors import PipelineError
+from qtune.pipeline.score_job import scoring_resources
+from tests.pipeline.mixed_corpus import published, write_config
+
+
+@pytest.mark.ray
+def test_a_two_node_cluster_publishes_what_embedded_ray_does(mixed, llama_dir, tmp_path):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    # Head and worker each too small for the whole job: reading/tokenising tasks and the scoring
+    # actor (1 CPU each) have to spread over both nodes.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=2)
+    cluster.wait_for_nodes()
+    try:
+        out = tmp_path / "out"
+        config = write_config(tmp_path / "c.yaml", mixed["corpus"], llama_dir, out)
+        result = CliRunner().invoke(
+            app, ["run", str(config), "--set", f"ray.address={cluster.address}"]
+        )
+        assert result.exit_code == 0, result.output
+        assert published(out) == published(mixed["out"])
+        ray.init(address=cluster.address)
+        assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+        ray.shutdown()
+    finally:
+        cluster.shutdown()
+
+
+def _cfg(*extra: str):
+    return load_config(None, ["input.path=x", "model.path=y", "output.dir=z", *extra])
+
+
+@pytest.mark.ray
+def test_one_scoring_actor_per_gpu_or_tensor_parallel_group():
+    resources = scoring_resources(_cfg(), cluster_gpus=8)
+    assert resources["num_gpus"] == 1 and resources["compute"].max_size == 8
+    resources = scoring_resources(_cfg("scoring.tensor_parallel_size=2"), cluster_gpus=8)
+    assert resources["num_gpus"] == 2 and resources["compute"].max_size == 4
+    resources = scoring_resources(_cfg("scoring.num_workers=3"), cluster_gpus=8)
+    assert resources["compute"].max_size == 3
+    cpu = scoring_resources(_cfg("scoring.cpus_per_worker=4"), cluster_gpus=0)
+    assert cpu["num_cpus"] == 4 and "num_gpus" not in cpu and cpu["max_restarts"] == 2
+    with pytest.raises(PipelineError, match="exceeds the cluster's 4 GPU"):
+        scoring_resources(_cfg("scoring.tensor_parallel_size=8"), cluster_gpus=4)
+    with pytest.raises(PipelineError, match="needs GPUs"):
+        scoring_resources(_cfg("scoring.tensor_parallel_size=2"), cluster_gpus=0)
