@@ -16,10 +16,15 @@ Each round of this one run does, in turn:
 
 The overhead share is the part of (a)'s wall time not spent in the forward:
 `(wall - forward - start-up) / wall` and `(wall - forward) / wall` (goal: under 15%). Each figure
-is the best (minimum) over the rounds. Prints the figures and writes them as JSON.
+is the best (minimum) over the rounds. `--prototype` also runs (a), in every round right after the
+baseline, with a fix the figures point to applied from outside qtune (see PROTOTYPES below) and
+reports its wall time against the baseline's. (a) runs with RAY_ADDRESS=local (unless set), so
+that it never joins another Ray cluster on the machine. Prints the figures, writes them as JSON.
 
     python benchmarks/pipeline_overhead.py                    # vllm, configs/demo.yaml, 2 rounds
     python benchmarks/pipeline_overhead.py --backend torch --rounds 3
+    python benchmarks/pipeline_overhead.py --rounds 3 --prototype eager-engine \
+        --prototype all-core-actor --prototype eager-engine+all-core-actor
 """
 
 from __future__ import annotations
@@ -41,45 +46,100 @@ from pathlib import Path
 
 GOAL_SHARE = 0.15
 
-# Points of a run, in order: (name, pattern of the log line that marks it, what the span ending
-# there covers). Times are arrival times of the lines here; lines of Ray workers come through
-# Ray's log monitor, up to ~1 s late. "first_score_task" comes from Ray Data's log file instead.
+# Events of a run: (name, pattern of the log line that marks it, what happened). Times are the
+# arrival times of the lines here; lines of Ray workers come through Ray's log monitor, up to ~1 s
+# late. "first_score_task" comes from the timestamps of Ray Data's own log file instead.
 MARKERS: list[tuple[str, re.Pattern | None, str]] = [
     (
         "ray_init",
         re.compile(r"Token authentication is enabled|Started a local Ray instance"),
-        "CLI start-up, preflight + plan input",
+        "ray.init starts (after CLI start-up, preflight, plan input)",
     ),
-    ("dataset_start", re.compile(r"Starting execution of Dataset"), "ray.init, dataset plan"),
-    (
-        "first_score_task",
-        None,
-        "first partition read + tokenised (task worker start-up) -> first block to the actor",
-    ),
+    ("dataset_start", re.compile(r"Starting execution of Dataset"), "Ray Data execution starts"),
     (
         "engine_begin",
         re.compile(r"non-default args"),
-        "actor imports vLLM (on its first batch: the backend loads lazily)",
+        "scoring actor: vLLM imported, engine construction begins",
     ),
-    ("engine_ready", re.compile(r"Supported pooling task"), "vLLM engine construction"),
+    ("engine_ready", re.compile(r"Supported pooling task"), "scoring actor: engine ready"),
     (
-        "dataset_done",
-        re.compile(r"Dataset \S+ execution finished"),
-        "scoring stream (forward + later partitions' tokenisation + writes)",
+        "first_score_task",
+        None,
+        "first tokenised partition handed to the scoring actor",
     ),
+    ("dataset_done", re.compile(r"Dataset \S+ execution finished"), "scoring stream done"),
     (
         "scores_published",
         re.compile(r"^qtune score\b"),
-        "finish scores (dedup, summary, publish) + ray.shutdown",
+        "scores finished + published, Ray shut down",
     ),
-    ("published", re.compile(r"^published: "), "triage, token pruning, shards, publish"),
-    ("exit", None, "report, interpreter exit"),
+    ("published", re.compile(r"^published: "), "triage done, version published"),
+    ("exit", None, "report written, process exited"),
 ]
 STAGE_ROW = re.compile(r"^[│┃|]\s*(?P<stage>[a-z][a-z ,()]+?)\s*[│┃|]\s*(?P<s>[\d,.]+) s\s*[│┃|]")
 RAY_DATA_DIR = re.compile(r"Full logs are in (\S+)")
 FIRST_SCORE_TASK = re.compile(
     r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}).*Executing map task of operator MapBatches\(Score\)"
 )
+
+
+# PROTOTYPES of the fixes this benchmark points to, applied to (a) without editing qtune:
+# - eager-engine: a `sitecustomize` on PYTHONPATH (Ray workers inherit the driver's environment)
+#   patches the Score stage so that a scoring actor builds its backend when it starts, not at its
+#   first batch (the engine's imports and start then overlap the first partition's tokenisation);
+# - all-core-actor: OMP_NUM_THREADS = every core, so the scoring actor (1 CPU reserved, hence 1
+#   thread by Ray's default) runs its forward on all cores.
+EAGER_ENGINE_SHIM = """\
+import importlib.machinery
+import os
+import sys
+
+
+class _EagerScore:
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "qtune.stages.score.stage":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def patched(module):
+            exec_module(module)
+            init = module.Score.__init__
+
+            def __init__(self, *args, **kwargs):
+                init(self, *args, **kwargs)
+                if sys.argv and sys.argv[0].endswith("default_worker.py"):  # in a Ray worker
+                    self.backend  # build the engine now, while the first partition tokenises
+
+            module.Score.__init__ = __init__
+
+        spec.loader.exec_module = patched
+        return spec
+
+
+if os.environ.get("QTUNE_PROTOTYPE_EAGER_ENGINE"):
+    sys.meta_path.insert(0, _EagerScore())
+"""
+
+
+def prototype_env(name: str, shim_dir: Path) -> dict[str, str]:
+    """Environment of (a) for a prototype: eager-engine, all-core-actor, or both (joined by +)."""
+    env: dict[str, str] = {}
+    for part in name.split("+"):
+        if part == "eager-engine":
+            shim_dir.mkdir(exist_ok=True)
+            (shim_dir / "sitecustomize.py").write_text(EAGER_ENGINE_SHIM)
+            path = os.environ.get("PYTHONPATH")
+            env["PYTHONPATH"] = str(shim_dir) + (os.pathsep + path if path else "")
+            env["QTUNE_PROTOTYPE_EAGER_ENGINE"] = "1"
+        elif part == "all-core-actor":
+            # Ray sets OMP_NUM_THREADS to an actor's num_cpus (1) unless it is already set.
+            env["OMP_NUM_THREADS"] = str(os.cpu_count() or 1)
+        else:
+            raise SystemExit(f"unknown prototype {part!r}; valid: eager-engine, all-core-actor")
+    return env
 
 
 def code_state() -> dict:
@@ -123,6 +183,10 @@ def run_pipeline(
     for item in [*overrides, f"output.dir={out_dir}"]:
         command += ["--set", item]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200", **extra_env}
+    # Embedded Ray must not join another cluster on this machine: ray.init() without an address
+    # connects to the one whose address a `ray start` (or a test's ray.cluster_utils.Cluster)
+    # left in /tmp/ray/ray_current_cluster, and dies with it.
+    env.setdefault("RAY_ADDRESS", "local")
     patterns = {name: pattern for name, pattern, _ in MARKERS if pattern is not None}
     markers: dict[str, float] = {}
     printed: dict[str, float] = {}
@@ -178,13 +242,13 @@ def run_pipeline(
 
 
 def timeline(markers: dict[str, float]) -> list[dict]:
-    """Spans between consecutive markers that were seen, each named by what it covers."""
-    spans, previous = [], 0.0
-    for name, _, label in MARKERS:
-        if name in markers:
-            spans.append({"until": name, "span": label, "seconds": markers[name] - previous})
-            previous = markers[name]
-    return spans
+    """The events that were seen, in time order, with the time since the previous one."""
+    labels = {name: label for name, _, label in MARKERS}
+    events, previous = [], 0.0
+    for name, at in sorted(markers.items(), key=lambda item: item[1]):
+        events.append({"event": name, "what": labels[name], "at_s": at, "since_s": at - previous})
+        previous = at
+    return events
 
 
 def forward_windows(out_dir: Path, batch_size: int) -> tuple[list[list], dict]:
@@ -357,6 +421,14 @@ def main() -> None:
         "--no-all-cores", action="store_true", help="(b) only with the actor's thread count"
     )
     parser.add_argument(
+        "--prototype",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also run (a) with a prototype fix, alternating with the baseline: eager-engine, "
+        "all-core-actor, or several joined by + (e.g. eager-engine+all-core-actor)",
+    )
+    parser.add_argument(
         "--env",
         action="append",
         default=[],
@@ -397,6 +469,15 @@ def main() -> None:
             if windows is None:
                 windows, workload = forward_windows(out_dir, cfg.scoring.batch_size)
             shutil.rmtree(out_dir, ignore_errors=True)
+            variants = {}
+            for name in args.prototype:
+                env = {**extra_env, **prototype_env(name, Path(tmp) / "shim")}
+                v_out = Path(tmp) / f"run-{index}-{name}"
+                v_log = Path(tmp) / f"run-{index}-{name}.log"
+                variants[name] = run_pipeline(args.config, overrides, v_out, v_log, env)
+                variants[name]["threads"] = int(env.get("OMP_NUM_THREADS", actor_threads))
+                print(f"round {index + 1}: (a) qtune run, {name}: {variants[name]['wall_s']:.1f} s")
+                shutil.rmtree(v_out, ignore_errors=True)
             forward = {}
             for threads in thread_counts:
                 f = in_child(_forward_child, (args.backend, options, windows, threads), threads)
@@ -412,7 +493,7 @@ def main() -> None:
                 f"{tok['tokenize_s']:.2f} s for {tok['rows']:,} rows; preflight "
                 f"{tok['preflight_s']:.2f} s + plan {tok['plan_s']:.2f} s"
             )
-            rounds.append({"run": run, "forward": forward, "tokenize": tok})
+            rounds.append({"run": run, "variants": variants, "forward": forward, "tokenize": tok})
 
     best = min(rounds, key=lambda r: r["run"]["wall_s"])["run"]
     wall = best["wall_s"]
@@ -426,7 +507,8 @@ def main() -> None:
     forward_s = best_forward(actor_threads, "forward_s")
     startup_s = best_forward(actor_threads, "startup_s")
     tokenize = {
-        k: best_tokenize(k) for k in ("import_s", "preflight_s", "plan_s", "read_s", "tokenize_s")
+        k: best_tokenize(k)
+        for k in ("import_s", "preflight_s", "torch_import_s", "plan_s", "read_s", "tokenize_s")
     }
     result = {
         "config": str(args.config),
@@ -464,6 +546,21 @@ def main() -> None:
         "rounds_detail": rounds,
     }
     result["goal_met"] = result["overhead_share"] < GOAL_SHARE
+    result["prototypes"] = {}
+    for name in args.prototype:
+        v_best = min((r["variants"][name] for r in rounds), key=lambda v: v["wall_s"])
+        threads = v_best["threads"]
+        v_forward = best_forward(threads, "forward_s") if threads in thread_counts else forward_s
+        result["prototypes"][name] = {
+            "wall_s": v_best["wall_s"],
+            "wall_ratio_to_baseline": v_best["wall_s"] / wall,
+            "speedup": wall / v_best["wall_s"],
+            "actor_threads": threads,
+            "forward_s": v_forward,
+            "overhead_share": (v_best["wall_s"] - v_forward) / v_best["wall_s"],
+            "stages": v_best["stages"],
+            "timeline": timeline(v_best["markers"]),
+        }
 
     print(
         f"\nworkload: {workload['samples']:,} samples scored, {workload['tokens']:,} tokens "
@@ -511,9 +608,24 @@ def main() -> None:
         print(f"  {s['stage']:<30} {s['seconds']:7.2f} s  {s['seconds'] / wall:6.1%}")
     outside = result["outside_stages_s"]
     print(f"  {'outside every stage':<30} {outside:7.2f} s  {outside / wall:6.1%}")
-    print("timeline of the run (log arrival / Ray Data log timestamps):")
-    for span in result["timeline"]:
-        print(f"  {span['seconds']:6.2f} s  -> {span['until']:<17} {span['span']}")
+    print("timeline of the run (seconds since start; log arrival, Ray Data log):")
+    for event in result["timeline"]:
+        print(
+            f"  {event['at_s']:6.2f} s (+{event['since_s']:5.2f} s)  {event['event']:<17} "
+            f"{event['what']}"
+        )
+    for name, proto in result["prototypes"].items():
+        print(
+            f"prototype {name}: wall {proto['wall_s']:.2f} s = "
+            f"{proto['wall_ratio_to_baseline']:.2f}x the baseline ({proto['speedup']:.2f}x "
+            f"faster); overhead (wall - forward at "
+            f"{proto['actor_threads']} thread(s)) / wall {proto['overhead_share']:.1%}"
+        )
+        for event in proto["timeline"]:
+            print(
+                f"  {event['at_s']:6.2f} s (+{event['since_s']:5.2f} s)  {event['event']:<17} "
+                f"{event['what']}"
+            )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2, default=str))
     print(f"written: {args.out}")

@@ -53,7 +53,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["PipelineError", "ScoreSummary", "run_score", "execute_scoring"]
 
 # Bump when the scored cache's content for the same input, model and settings changes.
-CACHE_FORMAT = "3"
+CACHE_FORMAT = "4"
 
 
 @dataclass
@@ -233,6 +233,9 @@ def init_ray(cfg: QTuneConfig) -> bool:
     if cfg.ray.address:
         ray.init(address=cfg.ray.address, **kwargs)
         return True
+    # "local": always a new embedded instance, never a cluster that `ray start` (or a test's
+    # local cluster) recorded on this machine, which a bare ray.init() would join.
+    kwargs["address"] = "local"
     if cfg.ray.num_cpus:
         kwargs["num_cpus"] = cfg.ray.num_cpus
     if cfg.ray.object_store_gib:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -276,18 +277,18 @@ def _plan_source(
                 metadata = pq.ParquetFile(source.path).metadata
             except (pa.ArrowInvalid, OSError) as e:
                 raise InputError(f"{source.path}: unreadable Parquet file ({e})") from e
+            # Row ranges, not whole row groups: a file written as one huge row group still
+            # splits into bounded partitions (each reads only the groups its range overlaps).
+            sizes = [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
+            starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+            total = int(starts[-1]) if max_rows is None else min(int(starts[-1]), max_rows)
             partitions: list[Partition] = []
-            groups: list[int] = []
-            row_start = rows = 0
-            for group in range(metadata.num_row_groups):
-                groups.append(group)
-                rows += metadata.row_group(group).num_rows
-                if rows >= rows_per_partition or group == metadata.num_row_groups - 1:
-                    if rows:
-                        partitions.append(
-                            make(len(partitions), row_start, rows, row_groups=tuple(groups))
-                        )
-                    row_start, rows, groups = row_start + rows, 0, []
+            for i, start in enumerate(range(0, total, rows_per_partition)):
+                stop = min(start + rows_per_partition, total)
+                groups = tuple(
+                    g for g in range(len(sizes)) if starts[g] < stop and starts[g + 1] > start
+                )
+                partitions.append(make(i, start, stop - start, row_groups=groups))
             return partitions
         if source.kind == "hf_dataset":
             total = len(_load_saved_dataset(source.path, split))
@@ -348,11 +349,14 @@ def _iter_rows(rows: list[Any], first_index: int, batch_rows: int) -> Iterator[l
 
 def _iter_parquet(partition: Partition, batch_rows: int) -> Iterator[list[RawRow]]:
     parquet = pq.ParquetFile(partition.source)
-    index = partition.row_start
-    for record_batch in parquet.iter_batches(
-        batch_size=batch_rows, row_groups=list(partition.row_groups) or None
-    ):
-        yield from _iter_rows(record_batch.to_pylist(), index, batch_rows)
+    groups = list(partition.row_groups) or None
+    # Row index of the first row read: the start of the partition's first row group.
+    index = sum(parquet.metadata.row_group(g).num_rows for g in range(groups[0])) if groups else 0
+    for record_batch in parquet.iter_batches(batch_size=batch_rows, row_groups=groups):
+        skip = min(max(0, partition.row_start - index), record_batch.num_rows)
+        if skip < record_batch.num_rows:
+            rows = record_batch.slice(skip).to_pylist()
+            yield from _iter_rows(rows, index + skip, batch_rows)
         index += record_batch.num_rows
 
 

@@ -246,15 +246,21 @@ def test_jsonl_partitions_cover_every_row_once_and_skip_blank_lines(tmp_path):
     assert ids.to_pylist() == ["4", "5", "6", "7"]
 
 
-def test_parquet_partitions_follow_row_groups(tmp_path):
+def test_parquet_partitions_are_bounded_row_ranges(tmp_path):
     path = tmp_path / "a.parquet"
     table = pa.table({"messages": [CHAT] * 10, "id": [str(i) for i in range(10)]})
     pq.write_table(table, path, row_group_size=3)
     partitions = plan_source(Source(str(path), "parquet"), "messages", 0, rows_per_partition=5)
+    # Row ranges of partition_rows; each reads only the row groups its range overlaps.
     assert [(p.row_start, p.row_count, p.row_groups) for p in partitions] == [
-        (0, 6, (0, 1)),
-        (6, 4, (2, 3)),
+        (0, 5, (0, 1)),
+        (5, 5, (1, 2, 3)),
     ]
+    assert _rows_of(partitions) == list(range(10))
+    one_group = tmp_path / "one.parquet"
+    pq.write_table(table, one_group)  # a single row group: still bounded partitions
+    partitions = plan_source(Source(str(one_group), "parquet"), "messages", 0, 4)
+    assert [(p.row_start, p.row_count) for p in partitions] == [(0, 4), (4, 4), (8, 2)]
     assert _rows_of(partitions) == list(range(10))
 
 
