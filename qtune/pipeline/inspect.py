@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from rich.console import RenderableType
 
 from qtune import schema
-from qtune.pipeline.layout import SCORE_SUMMARY, OutputLayout, epoch_name
+from qtune.pipeline.layout import DROPPED_INDEX, SCORE_SUMMARY, OutputLayout, epoch_name
 from qtune.pipeline.publish import MANIFEST, latest_epoch
 from qtune.stages.eu_plane import MAX_TOKEN_NLL
 from qtune.stages.report import (
@@ -162,7 +162,7 @@ def open_version(output_dir: str | Path, epoch: int | None = None) -> PublishedV
         raise InspectError(f"{manifest_path}: unreadable manifest ({e})") from e
 
     shard_files = [version / entry["path"] for entry in manifest.get("files", [])]
-    dropped_path = version / (manifest.get("dropped_index") or {}).get("path", "dropped.parquet")
+    dropped_path = version / (manifest.get("dropped_index") or {}).get("path", DROPPED_INDEX)
     for path in [*shard_files, dropped_path]:
         if not path.is_file():
             raise InspectError(f"{path}: listed in {manifest_path} but missing")
@@ -352,9 +352,9 @@ def load_tokenizer(manifest: dict[str, Any]) -> tuple[Any | None, str | None]:
         if not Path(candidate).is_dir():
             continue
         try:
-            from transformers import AutoTokenizer
+            from qtune.stages.tokenize import load_tokenizer as load_model_tokenizer
 
-            return AutoTokenizer.from_pretrained(candidate, local_files_only=True), None
+            return load_model_tokenizer(candidate), None
         except Exception as e:  # noqa: BLE001 - any failure means "show ids"; never fail on it
             logger.warning("tokenizer of %s did not load (%s); showing token ids", candidate, e)
     where = ", ".join(str(t) for t in tried) or "no model path in the manifest"

@@ -10,6 +10,8 @@ from pathlib import Path
 
 SCORE_SUMMARY = "_summary.json"  # written into a scored cache last; marks it complete
 SCORE_CONFIG = "_config.json"
+VERSION_TRAIN = "train"  # a version's shard folder: data/epoch_NNN/train/part-*.parquet
+DROPPED_INDEX = "dropped.parquet"  # a version's index of every dropped sample
 
 
 def epoch_name(epoch: int) -> str:

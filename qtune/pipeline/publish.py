@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from qtune.faults import fault_point
-from qtune.pipeline.layout import OutputLayout, epoch_name, publish_dir
+from qtune.pipeline.layout import VERSION_TRAIN, OutputLayout, epoch_name, publish_dir
 
 MANIFEST = "manifest.json"
 _EPOCH_DIR = re.compile(r"^epoch_(\d{3,})$")
@@ -127,7 +127,9 @@ def dataset_card(layout: OutputLayout) -> str:
     for epoch in epochs:
         # The publication stamp in the pattern keys datasets' cache to this exact publication.
         stamp = read_manifest(layout, epoch).get("publication", "")
-        pattern = f"data/{epoch_name(epoch)}/train/part-*{'-' + stamp if stamp else ''}.parquet"
+        pattern = (
+            f"data/{epoch_name(epoch)}/{VERSION_TRAIN}/part-*{'-' + stamp if stamp else ''}.parquet"
+        )
         config: dict[str, Any] = {
             "config_name": epoch_name(epoch),
             "data_files": [{"split": "train", "path": pattern}],

@@ -40,7 +40,7 @@ from qtune.pipeline.layout import (
 )
 from qtune.pipeline.publish import write_atomic
 from qtune.schema import RejectReason
-from qtune.stages.write import STATS_SCHEMA, partition_stats, write_parquet
+from qtune.stages.write import STATS_SCHEMA, fragment_files, partition_stats, write_parquet
 
 logger = logging.getLogger(__name__)
 
@@ -192,24 +192,18 @@ class ScoringState:
         received = sorted(self._received.pop(partition).values(), key=lambda r: r["first_row"])
         name = self.layout.part_name(partition)
         scores_part, rejects_part = self.layout.scores / name, self.layout.rejects / name
-        fragment_files = [
-            (
-                self.layout.fragments / f"{r['fragment']}.scores.parquet",
-                self.layout.fragments / f"{r['fragment']}.rejects.parquet",
-            )
-            for r in received
-        ]
+        fragment_paths = [fragment_files(self.layout.fragments, r["fragment"]) for r in received]
         if len(received) == 1 and received[0]["rows"] == expected:
             stats = {k: received[0][k] for k in STATS_SCHEMA.names}
-            for source, target in zip(fragment_files[0], (scores_part, rejects_part), strict=True):
+            for source, target in zip(fragment_paths[0], (scores_part, rejects_part), strict=True):
                 if source.is_file():
                     target.parent.mkdir(parents=True, exist_ok=True)
                     os.replace(source, target)
         else:
             # Several fragments (Ray split the partition), maybe overlapping (a retried task
             # re-batched): merge, order by row, keep each row once.
-            scored = _merge_by_row([f for f, _ in fragment_files], schema.SCORED_CACHE_SCHEMA)
-            rejected = _merge_by_row([f for _, f in fragment_files], schema.REJECTS_SCHEMA)
+            scored = _merge_by_row([f for f, _ in fragment_paths], schema.SCORED_CACHE_SCHEMA)
+            rejected = _merge_by_row([f for _, f in fragment_paths], schema.REJECTS_SCHEMA)
             if scored.num_rows + rejected.num_rows != expected:
                 raise PipelineError(
                     f"partition {partition} ({self._by_index[partition]['source']}): "
@@ -218,7 +212,7 @@ class ScoringState:
             write_parquet(scored, scores_part)
             write_parquet(rejected, rejects_part)
             stats = partition_stats(scored, rejected.column(schema.REASON))
-            for pair in fragment_files:
+            for pair in fragment_paths:
                 for path in pair:
                     path.unlink(missing_ok=True)
         marker = {"partition": partition, "source": self._by_index[partition]["source"], **stats}

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,13 +18,14 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from qtune import schema
 from qtune.faults import fault_point
 from qtune.pipeline.config import QTuneConfig, QTuningConfig
 from qtune.pipeline.errors import PipelineError
-from qtune.pipeline.layout import OutputLayout, epoch_name
+from qtune.pipeline.layout import DROPPED_INDEX, VERSION_TRAIN, OutputLayout, epoch_name
 from qtune.pipeline.lock import OutputLock
 from qtune.pipeline.progress import StageTimings, StepProgress
 from qtune.pipeline.publish import MANIFEST, publish_version, sha256_text
@@ -94,13 +94,14 @@ def _present(path: Path, columns: list[str]) -> list[str]:
 def _rejects_by_source(directory: Path) -> dict[str, int]:
     if not directory.is_dir():
         return {}
-    counts: dict[str, int] = {}
-    for part in sorted(directory.glob("*.parquet")):
-        for source, n in Counter(
-            pq.read_table(part, columns=[schema.SOURCE]).column(schema.SOURCE).to_pylist()
-        ).items():
-            counts[source] = counts.get(source, 0) + n
-    return counts
+    parts = sorted(directory.glob("*.parquet"))
+    if not parts:
+        return {}
+    sources = pa.concat_tables([pq.read_table(p, columns=[schema.SOURCE]) for p in parts])
+    return {
+        row["values"]: row["counts"]
+        for row in pc.value_counts(sources.column(schema.SOURCE)).to_pylist()
+    }
 
 
 def source_accounting(
@@ -108,7 +109,9 @@ def source_accounting(
 ) -> dict[str, dict[str, int]]:
     """Per input file: input rows (from the plan) against kept + dropped + rejected."""
     frame = (
-        pl.DataFrame({"source": stats.column(schema.SOURCE).to_pylist(), "kept": kept})
+        pl.from_arrow(stats.select([schema.SOURCE]))
+        .rename({schema.SOURCE: "source"})
+        .with_columns(kept=pl.Series(kept))
         .group_by("source")
         .agg(pl.col("kept").sum().alias("kept"), pl.len().alias("scored"))
     )
@@ -278,11 +281,11 @@ def migration_from_parent(
     before = pl.concat(
         [
             pl.from_arrow(
-                pq.ParquetDataset(parent_dir / "train").read(columns=columns)
+                pq.ParquetDataset(parent_dir / VERSION_TRAIN).read(columns=columns)
             ).with_columns(kept=pl.lit(True)),
-            pl.from_arrow(
-                pq.read_table(parent_dir / "dropped.parquet", columns=columns)
-            ).with_columns(kept=pl.lit(False)),
+            pl.from_arrow(pq.read_table(parent_dir / DROPPED_INDEX, columns=columns)).with_columns(
+                kept=pl.lit(False)
+            ),
         ]
     )
     now = pl.DataFrame(
@@ -390,7 +393,7 @@ def _triage(cfg: QTuneConfig, epoch: int | None, target: OutputLayout) -> Triage
                 "qtuning.sample_ratio or lower qtuning.min_group_size"
             )
         writer = ShardWriter(
-            staging / "train", min(cfg.output.num_shards, n_kept), cfg.output.row_group_rows
+            staging / VERSION_TRAIN, min(cfg.output.num_shards, n_kept), cfg.output.row_group_rows
         )
         with StepProgress("pruning and writing", len(decisions.kept)) as progress:
             kept_loss, offset = _prune_and_write(
@@ -403,7 +406,7 @@ def _triage(cfg: QTuneConfig, epoch: int | None, target: OutputLayout) -> Triage
         publication = sha256_text(cfg.to_json() + "".join(shard_hashes))[:12]
         shard_files = stamp_files(shard_files, publication)
         dropped = _dropped_index(stats, decisions, q.policy, groups)
-        pq.write_table(dropped, staging / "dropped.parquet", compression="zstd")
+        pq.write_table(dropped, staging / DROPPED_INDEX, compression="zstd")
         timings["prune_write_s"] = time.perf_counter() - tick
         stages.add("prune tokens, write shards", timings["prune_write_s"], stats.num_rows)
 
@@ -460,9 +463,9 @@ def _triage(cfg: QTuneConfig, epoch: int | None, target: OutputLayout) -> Triage
                 for f, digest in zip(shard_files, shard_hashes, strict=True)
             ],
             "dropped_index": {
-                "path": "dropped.parquet",
+                "path": DROPPED_INDEX,
                 "rows": int(dropped.num_rows),
-                "sha256": file_sha256(staging / "dropped.parquet"),
+                "sha256": file_sha256(staging / DROPPED_INDEX),
             },
             "counts": counts,
             "unreadable_sources": score_summary.get("unreadable_sources", []),

@@ -43,12 +43,11 @@ import pyarrow.parquet as pq
 import yaml
 
 from qtune import schema
-from qtune.pipeline.layout import OutputLayout, epoch_name
+from qtune.pipeline.layout import VERSION_TRAIN, OutputLayout, epoch_name
 from qtune.pipeline.publish import MANIFEST, latest_epoch, read_manifest
 from qtune.stages.eu_plane import keep_count
 from qtune.stages.shards import file_sha256
 
-TRAIN_DIR = "train"  # the shards' folder inside a version (triage_job's ShardWriter)
 CARD = "README.md"
 MAX_IDS = 5  # sample ids named per kind of problem
 READ_BATCH_ROWS = 4096
@@ -208,14 +207,16 @@ def _check_files(
     if dropped_entry is not None:
         _check_file(version, dropped_entry, report)
     listed = {(version / f["path"]).resolve() for f in files}
-    train = version / TRAIN_DIR
+    train = version / VERSION_TRAIN
     extra = sorted(
         p.relative_to(version).as_posix()
         for p in (train.rglob("*.parquet") if train.is_dir() else [])
         if p.resolve() not in listed
     )
     for rel in extra:
-        report.problems.append(f"{rel}: Parquet file in {TRAIN_DIR}/ not listed in the manifest")
+        report.problems.append(
+            f"{rel}: Parquet file in {VERSION_TRAIN}/ not listed in the manifest"
+        )
 
 
 # --- 2 and 3. shard schemas and rows --------------------------------------------------------------

@@ -51,6 +51,11 @@ def fragment_name(partition: int, row_index: np.ndarray) -> str:
     return f"p{partition:06d}-{int(row_index[0]):012d}-{int(row_index[-1]):012d}-{len(row_index)}"
 
 
+def fragment_files(fragments_dir: Path, name: str) -> tuple[Path, Path]:
+    """The scored-cache and rejects files of one fragment."""
+    return fragments_dir / f"{name}.scores.parquet", fragments_dir / f"{name}.rejects.parquet"
+
+
 def write_parquet(table: pa.Table, path: Path) -> None:
     """zstd Parquet, written aside and renamed into place (readers never see a partial file).
 
@@ -125,8 +130,9 @@ class WriteScores:
                 schema.SCORED_CACHE_SCHEMA
             )
             rejected = group.filter(rejected_mask)
-            write_parquet(scored, self.fragments_dir / f"{name}.scores.parquet")
-            write_parquet(rejects_table(rejected), self.fragments_dir / f"{name}.rejects.parquet")
+            scores_file, rejects_file = fragment_files(self.fragments_dir, name)
+            write_parquet(scored, scores_file)
+            write_parquet(rejects_table(rejected), rejects_file)
             rows.append(
                 {
                     "partition": int(partition),
