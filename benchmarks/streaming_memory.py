@@ -10,9 +10,11 @@ the per-sample sum; the sum of PSS beside it, which counts shared pages such as 
 once), the largest input partition, wall time and samples/s, then each ratio larger/smaller
 (goal: the larger run's peak within 1.3x of the smaller's). Prints the figures, writes JSON.
 
-`--layouts demo bounded` also runs the same rows laid out so that every partition is bounded by
-`input.partition_rows`: `sharegpt.json` (a JSON array: always one partition) rewritten as JSON
-lines, `alpaca.parquet` (one row group: one partition) rewritten with row groups of that size.
+`--layouts demo bounded` also runs the same rows laid out differently: `sharegpt.json` (a JSON
+array) rewritten as JSON lines, `alpaca.parquet` (one row group) rewritten with row groups of
+`input.partition_rows`. Both layouts are split into partitions of at most `input.partition_rows`
+rows now (JSON arrays by byte range, Parquet by row range); before that, the demo layout's array
+and single-row-group file were one partition each.
 The torch backend is the default: on this cheap model a quick check ran the 10k corpus in 28 s
 with torch and 56 s with vllm (whose import and engine start alone take ~9 s on CPU, and whose
 1 GiB CPU KV cache sits in the actor); `--backend vllm` measures vllm. `qtune run` gets

@@ -78,3 +78,57 @@ def _reference_model(path: str):
             path, dtype=torch.float64
         ).eval()
     return _REFERENCE_MODELS[path]
+
+
+@pytest.fixture(scope="session")
+def s3_bucket():
+    """A real S3 endpoint on loopback (moto's server, no network): ``s3://qtune-test``.
+
+    Credentials and endpoint go into the environment, where pyarrow's S3 filesystem (in this
+    process and in every Ray worker started afterwards) reads them, as it would on a cluster.
+    """
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import pyarrow.fs as pafs
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = Path(sys.executable).parent / "moto_server"
+    process = subprocess.Popen(
+        [str(server), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                raise RuntimeError(f"moto_server did not start on port {port}") from None
+            time.sleep(0.2)
+    env = {
+        "AWS_ACCESS_KEY_ID": "qtune-test",
+        "AWS_SECRET_ACCESS_KEY": "qtune-test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    pafs.S3FileSystem(
+        endpoint_override=f"127.0.0.1:{port}", scheme="http", allow_bucket_creation=True
+    ).create_dir("qtune-test")
+    yield "s3://qtune-test"
+    process.kill()
+    process.wait()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from qtune import storage
 from qtune.pipeline.config import ConfigError, QTuneConfig, load_config
 
 if TYPE_CHECKING:
@@ -250,8 +251,14 @@ def print_triage_summary(summary: TriageSummary) -> None:
         console.print(_partial_notice(summary.limit))
     console.print(f"published: {summary.version_dir}")
     console.print("load it with:")
-    console.print("  from datasets import load_dataset", highlight=False)
-    console.print(f'  train = load_dataset("{summary.output_dir}")["train"]', highlight=False)
+    if storage.is_remote(summary.output_dir):
+        # datasets would need the protocol's fsspec package and storage_options; qtune's loader
+        # fetches the version into the working copy with the filesystem qtune already uses.
+        console.print("  from qtune.pipeline.consume import load_version", highlight=False)
+        console.print(f'  train = load_version("{summary.output_dir}")', highlight=False)
+    else:
+        console.print("  from datasets import load_dataset", highlight=False)
+        console.print(f'  train = load_dataset("{summary.output_dir}")["train"]', highlight=False)
 
 
 def _partial_notice(limit: int) -> str:
@@ -405,14 +412,15 @@ def triage(
 
 
 def _run(cfg: QTuneConfig, restart: bool = False, limit: int | None = None) -> None:
-    from qtune.pipeline.layout import OutputLayout
     from qtune.pipeline.lock import OutputLock
+    from qtune.pipeline.remote_sync import output_layout
     from qtune.pipeline.score_job import run_score
     from qtune.pipeline.triage_job import run_triage
 
     def job() -> tuple[ScoreSummary, TriageSummary]:
         # One lock over both steps: no other writer can slip in between scoring and triage.
-        with OutputLock(OutputLayout(Path(cfg.output.dir)).lock_file, "qtune run"):
+        layout = output_layout(cfg.output.dir, cfg.output.work_dir, pull=False)
+        with OutputLock(layout.lock_file, "qtune run"):
             score_summary = run_score(cfg, restart=restart, limit=limit)
             print_score_summary(score_summary)  # before triage starts
             summary = run_triage(cfg, epoch=0)
@@ -435,10 +443,14 @@ def _report_after(
     stages = list(summary.stages if stages is None else stages)
     index = None
     if cfg.output.report:
+        from qtune.pipeline.remote_sync import output_layout
         from qtune.pipeline.report_job import write_report
 
+        # The configured working copy (a remote output's default one may differ).
+        work_dir = cfg.output.work_dir if summary.output_dir == cfg.output.dir else None
+        layout = output_layout(summary.output_dir, work_dir, pull=False)
         started = time.perf_counter()
-        index = _guard(lambda: write_report(summary.output_dir, summary.epoch))
+        index = _guard(lambda: write_report(layout, summary.epoch))
         stages.append({"stage": "report", "seconds": time.perf_counter() - started})
     print_stage_timings(stages)
     if index is not None:
@@ -460,7 +472,10 @@ def run(
     _run(_load(config, set_), restart, limit)
 
 
-OutputDirArg = Annotated[Path, typer.Argument(help="An output directory qtune published into.")]
+# str, not Path: a URI (s3://bucket/run) would lose a slash to Path.
+OutputDirArg = Annotated[
+    str, typer.Argument(help="An output directory (or URI) qtune published into.")
+]
 EpochOpt = Annotated[int | None, typer.Option(help="Version to use (default: the one in LATEST).")]
 
 
@@ -506,7 +521,7 @@ def inspect(
 
 @app.command()
 def verify(
-    output_dir: Annotated[Path, typer.Argument(help="An output directory qtune published into.")],
+    output_dir: OutputDirArg,
     epoch: Annotated[
         int | None, typer.Option(help="Version to check (default: the one in LATEST).")
     ] = None,
@@ -566,6 +581,7 @@ def watch(
     verbose: VerboseOpt = False,
 ) -> None:
     """Re-score each new complete checkpoint of a training run, in order, once each."""
+    from qtune.pipeline.remote_sync import output_layout
     from qtune.pipeline.rescore_job import checkpoint_fingerprint, published_epoch_of, run_rescore
     from qtune.pipeline.score_job import init_ray
     from qtune.pipeline.watch import default_state_file, watch_main
@@ -593,7 +609,7 @@ def watch(
     code = _guard(
         lambda: watch_main(
             checkpoints,
-            state or default_state_file(cfg.output.dir),
+            state or default_state_file(output_layout(cfg.output.dir, cfg.output.work_dir, False)),
             rescore_checkpoint,
             already_published=already_published,
             fingerprint=fingerprint,

@@ -199,7 +199,16 @@ class QTuningConfig(_Section):
 
 
 class OutputConfig(_Section):
-    dir: str = Field(description="Output directory (scores, rejects, data versions).")
+    dir: str = Field(
+        description="Output directory (scores, rejects, data versions): a local path or a "
+        "filesystem URI (`s3://bucket/run`, `gs://…`, any pyarrow/fsspec filesystem)."
+    )
+    work_dir: str | None = Field(
+        None,
+        description="For a remote output.dir: this machine's working copy (lock, resume state, "
+        "scored cache); default `$QTUNE_CACHE_DIR/outputs/<name>-<hash>` "
+        "(`~/.cache/qtune` when unset).",
+    )
     num_shards: int = Field(
         8,
         ge=1,

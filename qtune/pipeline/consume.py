@@ -51,8 +51,9 @@ from torch.utils.data import IterableDataset, get_worker_info
 from transformers import TrainerCallback
 
 from qtune import schema
-from qtune.pipeline.layout import OutputLayout, epoch_name
+from qtune.pipeline.layout import epoch_name
 from qtune.pipeline.publish import latest_epoch, published_epochs, read_manifest
+from qtune.pipeline.remote_sync import CONSUMED, output_layout, pull_remote
 
 if TYPE_CHECKING:
     import datasets
@@ -97,24 +98,24 @@ def resolve_epoch(out_dir: str | Path, epoch: int | str | None = None) -> int:
 
     Raises :class:`VersionNotFoundError` listing the published epochs.
     """
-    layout = OutputLayout(Path(out_dir))
+    layout = output_layout(out_dir, only=CONSUMED)
     published = published_epochs(layout)
     wanted = latest_epoch(layout) if epoch is None else _parse_epoch(epoch)
     if wanted is None:
         raise VersionNotFoundError(
-            f"no published version in {layout.root} (no data/epoch_NNN/manifest.json); "
+            f"no published version in {layout.name} (no data/epoch_NNN/manifest.json); "
             "run `qtune run` first"
         )
     if wanted not in published:
         listed = ", ".join(epoch_name(e) for e in published) or "none"
         what = f"LATEST names {epoch_name(wanted)}, which" if epoch is None else epoch_name(wanted)
-        raise VersionNotFoundError(f"{what} is not published in {layout.root}; published: {listed}")
+        raise VersionNotFoundError(f"{what} is not published in {layout.name}; published: {listed}")
     return wanted
 
 
 def version_files(out_dir: str | Path, epoch: int) -> list[tuple[Path, int]]:
     """``(path, rows)`` of each train shard of a published version, from its manifest."""
-    layout = OutputLayout(Path(out_dir))
+    layout = output_layout(out_dir, pull=False)
     manifest = read_manifest(layout, epoch)
     return [(layout.data_dir(epoch) / f["path"], int(f["rows"])) for f in manifest["files"]]
 
@@ -421,7 +422,7 @@ class RescoreCallback(TrainerCallback):
             from qtune.pipeline.config import load_config
 
             out_dir = load_config(self.config, self.overrides).output.dir
-        self.layout = OutputLayout(Path(out_dir))
+        self.layout = output_layout(out_dir, pull=False)
         self.mode = mode
         self.ray_address = ray_address
         self.command_factory = command_factory or self.default_command
@@ -563,6 +564,7 @@ class RescoreCallback(TrainerCallback):
         self, epoch: int, deadline: float, after: str, log: str | None = None
     ) -> None:
         while True:
+            pull_remote(self.layout, ("LATEST",))
             current = latest_epoch(self.layout)
             if current is not None and current >= epoch:
                 return

@@ -35,6 +35,7 @@ from rich.console import RenderableType
 from qtune import schema
 from qtune.pipeline.layout import DROPPED_INDEX, SCORE_SUMMARY, OutputLayout, epoch_name
 from qtune.pipeline.publish import MANIFEST, latest_epoch
+from qtune.pipeline.remote_sync import output_layout
 from qtune.stages.eu_plane import MAX_TOKEN_NLL
 from qtune.stages.report import (
     ENTROPY_SCALE,
@@ -135,21 +136,23 @@ class PublishedVersion:
         return bool(self.cache_files)
 
 
-def open_version(output_dir: str | Path, epoch: int | None = None) -> PublishedVersion:
+def open_version(
+    output_dir: str | Path | OutputLayout, epoch: int | None = None
+) -> PublishedVersion:
     """Index the samples of ``epoch``'s version (default: LATEST's) of ``output_dir``.
 
     Reads the manifest, the shards' and the dropped index's scalar columns and the scored
     cache's per-sample columns. Raises :class:`InspectError` when there is no such directory,
     no published version, or a file the manifest lists is missing.
     """
-    layout = OutputLayout(Path(output_dir))
+    layout = output_layout(output_dir)
     if not layout.root.is_dir():
-        raise InspectError(f"{layout.root}: no such output directory")
+        raise InspectError(f"{layout.name}: no such output directory")
     if epoch is None:
         epoch = latest_epoch(layout)
         if epoch is None:
             raise InspectError(
-                f"{layout.root}: no published version (no LATEST, no data/epoch_*/{MANIFEST}); "
+                f"{layout.name}: no published version (no LATEST, no data/epoch_*/{MANIFEST}); "
                 "run `qtune run` or `qtune triage` first"
             )
     version = layout.data_dir(epoch)

@@ -8,6 +8,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from qtune import storage
+
 SCORE_SUMMARY = "_summary.json"  # written into a scored cache last; marks it complete
 SCORE_CONFIG = "_config.json"
 VERSION_TRAIN = "train"  # a version's shard folder: data/epoch_NNN/train/part-*.parquet
@@ -18,12 +20,38 @@ def epoch_name(epoch: int) -> str:
     return f"epoch_{epoch:03d}"
 
 
+# What a remote output holds (the rest of a working copy — lock, staging, resume state,
+# merged-adapter cache, watch state — is this machine's own).
+SYNCED = ("data", "scores", "rejects", "README.md", "LATEST")
+
+
 @dataclass(frozen=True)
 class OutputLayout:
+    """An output directory. With ``remote`` (a URI such as ``s3://bucket/run``), ``root`` is
+    this machine's working copy of it: jobs work in ``root`` and ``remote_sync.push`` publishes
+    what they finished (``remote_sync`` knows the order)."""
+
     root: Path
+    remote: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root).absolute())
+
+    @property
+    def location(self) -> str:
+        """What to pass back to qtune to open this output again (the URI when remote)."""
+        return self.remote or str(self.root)
+
+    @property
+    def name(self) -> str:
+        """How people see this output (its URI when remote)."""
+        return storage.without_query(self.remote) if self.remote else str(self.root)
+
+    def remote_location(self, path: Path) -> str:
+        """The remote counterpart of a file in the working copy."""
+        if self.remote is None:
+            raise ValueError(f"{self.root} is not the working copy of a remote output")
+        return storage.join(self.remote, *path.relative_to(self.root).parts)
 
     def scores_dir(self, epoch: int) -> Path:
         return self.root / "scores" / epoch_name(epoch)
@@ -53,13 +81,19 @@ class OutputLayout:
         """Held by the one qtune process writing into this directory (``OutputLock``)."""
         return self.root / ".qtune.lock"
 
-    def scoring_state(self, epoch: int) -> ScoringStateLayout:
+    def scoring_state(self, epoch: int, shared: bool = False) -> ScoringStateLayout:
         """Where an unfinished scoring of ``epoch`` keeps its plan and finished partitions.
 
         A fixed name (unlike other staging directories): re-running the same command finds it
-        and resumes.
+        and resumes. ``shared``: writer tasks may run on other machines (a Ray cluster), so a
+        remote output's fragments go to its storage rather than this machine's disk.
         """
-        return ScoringStateLayout(self.staging_root / f"score-{epoch_name(epoch)}")
+        name = f"score-{epoch_name(epoch)}"
+        if shared and self.remote is not None:
+            return ScoringStateLayout(
+                self.staging_root / name, storage.join(self.remote, ".staging", name, "fragments")
+            )
+        return ScoringStateLayout(self.staging_root / name)
 
     def derived_paths(self) -> list[Path]:
         """Everything qtune wrote here (what ``--restart`` removes); inputs are never here."""
@@ -101,14 +135,15 @@ class ScoringStateLayout:
     """
 
     root: Path
+    shared_fragments: str | None = None  # a URI the writer tasks on every node can reach
 
     @property
     def plan(self) -> Path:
         return self.root / "plan.json"
 
     @property
-    def fragments(self) -> Path:
-        return self.root / "fragments"
+    def fragments(self) -> str | Path:
+        return self.shared_fragments or self.root / "fragments"
 
     @property
     def scores(self) -> Path:

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from qtune import storage
 from qtune.faults import fault_point
 from qtune.pipeline.layout import VERSION_TRAIN, OutputLayout, epoch_name, publish_dir
 
@@ -83,13 +84,24 @@ def model_fingerprint(model_path: str | Path) -> str:
 
 
 def input_fingerprint(paths: list[str | Path]) -> str:
-    """Fingerprint of input files (or saved-dataset directories): path, size and end bytes."""
+    """Fingerprint of input files (or saved-dataset directories): path, size and end bytes.
+
+    Remote files (``s3://…``) count by location without its query, size and end bytes.
+    """
     digest = hashlib.sha256()
-    for root in sorted(Path(p).absolute() for p in paths):
+    local = sorted(Path(p).absolute() for p in paths if not storage.is_remote(p))
+    for root in local:
         files = sorted(f for f in root.rglob("*") if f.is_file()) if root.is_dir() else [root]
         for path in files:
             digest.update(str(path).encode())
             _digest_size_and_ends(digest, path)
+    for location in sorted(str(p) for p in paths if storage.is_remote(p)):
+        filesystem, path = storage.resolve(location)
+        with filesystem.open_input_file(path) as f:
+            size = f.size()
+            digest.update(storage.without_query(location).encode() + str(size).encode())
+            digest.update(f.read_at(min(size, 1 << 20), 0))
+            digest.update(f.read_at(min(size, 1 << 20), max(0, size - (1 << 20))))
     return digest.hexdigest()
 
 
@@ -142,10 +154,10 @@ def dataset_card(layout: OutputLayout) -> str:
     lines.append("Curated with qtune (Q-Tuning). Each config is one epoch's version; the newest is")
     lines.append("the default. Load with:")
     lines += ["", "```python", "from datasets import load_dataset", ""]
-    lines.append(f'train = load_dataset("{layout.root}")["train"]  # newest epoch')
+    lines.append(f'train = load_dataset("{layout.name}")["train"]  # newest epoch')
     if epochs:
         lines.append(
-            f'train = load_dataset("{layout.root}", name="{epoch_name(epochs[-1])}")["train"]'
+            f'train = load_dataset("{layout.name}", name="{epoch_name(epochs[-1])}")["train"]'
         )
     lines += ["```", "", "| version | kept | dropped | rejected | kept loss tokens |"]
     lines.append("|---|---|---|---|---|")

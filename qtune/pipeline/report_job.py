@@ -44,8 +44,9 @@ from qtune.pipeline.inspect import (
     open_version,
     sample_views,
 )
-from qtune.pipeline.layout import epoch_name, publish_dir
+from qtune.pipeline.layout import OutputLayout, epoch_name, publish_dir
 from qtune.pipeline.publish import MANIFEST
+from qtune.pipeline.remote_sync import push
 from qtune.stages import report as render
 from qtune.stages.report import QUADRANT_LABELS, QUADRANT_ORDER, SECTION_IDS
 
@@ -75,7 +76,7 @@ def report_dir(version_dir: Path) -> Path:
 
 
 def write_report(
-    output_dir: str | Path,
+    output_dir: str | Path | OutputLayout,
     epoch: int | None = None,
     *,
     max_points: int = 20000,
@@ -182,6 +183,7 @@ def _publish(
         (staging / INDEX).write_text(page, encoding="utf-8")
         _check_unchanged(version)
         publish_dir(staging, report_dir(version_dir))
+        push(version.layout)
     except OSError as e:
         raise ReportError(
             f"{version_dir}: could not write the report ({e}); was the version re-published "

@@ -20,6 +20,7 @@ from qtune.pipeline.errors import PipelineError
 from qtune.pipeline.layout import OutputLayout, epoch_name, partition_of_part
 from qtune.pipeline.lock import OutputLock
 from qtune.pipeline.publish import model_fingerprint, published_epochs, read_manifest
+from qtune.pipeline.remote_sync import output_layout
 from qtune.pipeline.score_job import ScoreSummary, build_rescore_dataset, execute_scoring
 from qtune.pipeline.scoring_state import ScoringPlan, fingerprint_key
 from qtune.pipeline.triage_job import TriageSummary, run_triage
@@ -43,7 +44,7 @@ def checkpoint_fingerprint(cfg: QTuneConfig, checkpoint: str | Path) -> str:
     """Content fingerprint of a checkpoint as given (what manifests record)."""
     from qtune.pipeline.checkpoints import resolve_checkpoint
 
-    layout = OutputLayout(Path(cfg.output.dir))
+    layout = output_layout(cfg.output.dir, cfg.output.work_dir, pull=False)
     return resolve_checkpoint(
         checkpoint, base_model=cfg.model.path, cache_dir=layout.root / ".cache" / "merged"
     ).fingerprint
@@ -51,7 +52,7 @@ def checkpoint_fingerprint(cfg: QTuneConfig, checkpoint: str | Path) -> str:
 
 def published_epoch_of(cfg: QTuneConfig, fingerprint: str) -> int | None:
     """The published epoch whose manifest records this checkpoint fingerprint, if any."""
-    layout = OutputLayout(Path(cfg.output.dir))
+    layout = output_layout(cfg.output.dir, cfg.output.work_dir)
     for epoch in published_epochs(layout):
         checkpoint = read_manifest(layout, epoch).get("model", {}).get("checkpoint") or {}
         if checkpoint.get("fingerprint") == fingerprint:
@@ -68,11 +69,14 @@ def rescore_plan(
     partitions = []
     for i, part in enumerate(parts):
         index = partition_of_part(part)
+        # On a cluster the readers run on other machines: they read a remote output's pushed
+        # copy of the part, not this machine's.
+        shared = layout.remote is not None and cfg.ray.address
         partitions.append(
             {
                 "index": i if index is None else index,
                 "source": str(part),
-                "path": str(part),
+                "path": layout.remote_location(part) if shared else str(part),
                 "row_count": pq.ParquetFile(part).metadata.num_rows,
             }
         )
@@ -103,7 +107,7 @@ def run_rescore(
     Resumes an interrupted re-score of the same epoch and checkpoint; ``restart`` discards one
     made with another checkpoint or settings.
     """
-    layout = OutputLayout(Path(cfg.output.dir))
+    layout = output_layout(cfg.output.dir, cfg.output.work_dir)
     with OutputLock(layout.lock_file, "qtune rescore"):
         return _rescore(cfg, layout, checkpoint, epoch, restart)
 
@@ -123,7 +127,7 @@ def _rescore(
     earlier = [e for e in layout.scored_epochs() if e < epoch]
     if not earlier:
         raise PipelineError(
-            f"no scored cache before epoch {epoch} in {layout.root}; run `qtune run` first"
+            f"no scored cache before epoch {epoch} in {layout.name}; run `qtune run` first"
         )
     source_epoch = earlier[-1]
     resolved = resolve_checkpoint(

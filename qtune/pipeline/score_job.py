@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from qtune import schema
+from qtune import schema, storage
 from qtune.faults import fault_point
 from qtune.pipeline.config import QTuneConfig
 from qtune.pipeline.errors import PipelineError
@@ -32,6 +32,7 @@ from qtune.pipeline.layout import SCORE_SUMMARY, OutputLayout
 from qtune.pipeline.lock import OutputLock
 from qtune.pipeline.progress import StageTimings, StepProgress
 from qtune.pipeline.publish import input_fingerprint, model_fingerprint
+from qtune.pipeline.remote_sync import output_layout, push
 from qtune.pipeline.scoring_state import (
     RawTextReader,
     ScoringPlan,
@@ -381,23 +382,23 @@ def check_output_dir(
         return None
     if plan.limit is not None:
         raise PipelineError(
-            f"output.dir {layout.root} holds complete results that a --limit run would replace; "
+            f"output.dir {layout.name} holds complete results that a --limit run would replace; "
             "point the trial run elsewhere with --set output.dir=..."
         )
     if not old:
         raise PipelineError(
-            f"output.dir {layout.root} holds results written by an older qtune (no "
+            f"output.dir {layout.name} holds results written by an older qtune (no "
             "fingerprint to compare); re-run with --restart to score again, or set output.dir "
             "to a new directory"
         )
     if old.get("input") != plan.fingerprint["input"]:
         raise PipelineError(
-            f"output.dir {layout.root} holds the results of a different corpus; set output.dir "
+            f"output.dir {layout.name} holds the results of a different corpus; set output.dir "
             "to a new directory, or re-run with --restart to discard what is there"
         )
     changed = ", ".join(changed_parts(old, plan.fingerprint))
     raise PipelineError(
-        f"output.dir {layout.root} holds scores of this corpus made with a different "
+        f"output.dir {layout.name} holds scores of this corpus made with a different "
         f"{changed}; re-run with --restart to re-score (it discards every version there), "
         "or set output.dir to a new directory"
     )
@@ -421,7 +422,7 @@ def run_score(
     Resumes an interrupted run of the same command; re-uses a complete cache for the same
     input, model and settings. ``limit``: only the first N input rows (a partial trial run).
     """
-    layout = OutputLayout(Path(cfg.output.dir))
+    layout = output_layout(cfg.output.dir, cfg.output.work_dir)
     with OutputLock(layout.lock_file, "qtune score"):
         if restart:
             discard_outputs(layout)
@@ -442,6 +443,7 @@ def run_score(
                 "(--restart to score again)",
                 existing.scores_dir,
             )
+            push(layout)  # a run that died before its push left the remote behind
             return existing
         model_path = str(Path(cfg.model.path).absolute())
         summary = execute_scoring(
@@ -486,8 +488,10 @@ def execute_scoring(
     those rows, yet every version must account for every input row).
     """
     started = time.perf_counter()
-    layout = OutputLayout(Path(cfg.output.dir))
-    state = ScoringState(layout.scoring_state(epoch), plan)
+    layout = output_layout(cfg.output.dir, cfg.output.work_dir, pull=False)
+    # On a cluster the writer tasks run on other machines: a remote output's fragments go to its
+    # storage, where every node (and the driver) can reach them.
+    state = ScoringState(layout.scoring_state(epoch, shared=bool(cfg.ray.address)), plan)
     state.open(restart=restart)
     if state.finalized:
         summary = ScoreSummary.from_json((state.layout.scores / SCORE_SUMMARY).read_text())
@@ -519,6 +523,9 @@ def execute_scoring(
         summary.extra = extra or {}
         state.finalize(summary.to_json(), cfg.to_json(), carried)
     state.publish(layout.rejects_dir(epoch), layout.scores_dir(epoch))
+    push(layout)
+    if state.layout.shared_fragments:
+        storage.remove_tree(state.layout.shared_fragments)
     layout.remove_staging_dir(state.layout.root)
     fault_point("score.published")
     return summary
@@ -576,7 +583,7 @@ def summarise(
         carried += len(column)
     scored = totals["scored"]
     return ScoreSummary(
-        output_dir=str(layout.root),
+        output_dir=layout.location,
         scores_dir=str(layout.scores_dir(epoch)),
         rejects_dir=str(layout.rejects_dir(epoch)),
         sources=n_sources,

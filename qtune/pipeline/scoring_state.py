@@ -28,7 +28,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from qtune import schema
+from qtune import schema, storage
 from qtune.faults import fault_point
 from qtune.pipeline.errors import PipelineError
 from qtune.pipeline.layout import (
@@ -129,13 +129,13 @@ class ScoringState:
                 shutil.rmtree(root)
         elif root.exists():
             shutil.rmtree(root)  # died before its plan was written: nothing to keep
-        for directory in (self.layout.fragments, self.layout.done):
-            directory.mkdir(parents=True, exist_ok=True)
+        self.layout.done.mkdir(parents=True, exist_ok=True)
         if not self.layout.plan.is_file():
             write_atomic(self.layout.plan, self.plan.to_json())
         # Nothing is in flight now: fragments and parts without a marker are leftovers.
-        shutil.rmtree(self.layout.fragments)
-        self.layout.fragments.mkdir()
+        storage.remove_tree(self.layout.fragments)
+        if not storage.is_remote(self.layout.fragments):
+            Path(self.layout.fragments).mkdir(parents=True)
         done = self.done_partitions()
         if not self.finalized:
             for directory in (self.layout.scores, self.layout.rejects):
@@ -196,9 +196,8 @@ class ScoringState:
         if len(received) == 1 and received[0]["rows"] == expected:
             stats = {k: received[0][k] for k in STATS_SCHEMA.names}
             for source, target in zip(fragment_paths[0], (scores_part, rejects_part), strict=True):
-                if source.is_file():
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    os.replace(source, target)
+                if storage.is_file(source):
+                    _move_into(source, target)
         else:
             # Several fragments (Ray split the partition), maybe overlapping (a retried task
             # re-batched): merge, order by row, keep each row once.
@@ -214,7 +213,7 @@ class ScoringState:
             stats = partition_stats(scored, rejected.column(schema.REASON))
             for pair in fragment_paths:
                 for path in pair:
-                    path.unlink(missing_ok=True)
+                    storage.remove(path)
         marker = {"partition": partition, "source": self._by_index[partition]["source"], **stats}
         write_atomic(self.layout.marker(partition), json.dumps(marker, sort_keys=True))
         fault_point("score.partition_done")
@@ -346,8 +345,18 @@ class ScoringState:
             publish_dir(self.layout.scores, scores_dir)
 
 
-def _merge_by_row(paths: list[Path], table_schema: pa.Schema) -> pa.Table:
-    tables = [pq.read_table(p) for p in paths if p.is_file()]
+def _move_into(source: str, target: Path) -> None:
+    """A fragment into the state: renamed when local, downloaded when on shared storage."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if storage.is_remote(source):
+        storage.download(source, target)
+        storage.remove(source)
+    else:
+        os.replace(source, target)
+
+
+def _merge_by_row(paths: list[str], table_schema: pa.Schema) -> pa.Table:
+    tables = [storage.read_table(p) for p in paths if storage.is_file(p)]
     if not tables:
         return table_schema.empty_table()
     merged = pa.concat_tables(tables).sort_by(schema.ROW_INDEX)

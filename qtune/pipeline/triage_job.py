@@ -29,6 +29,7 @@ from qtune.pipeline.layout import DROPPED_INDEX, VERSION_TRAIN, OutputLayout, ep
 from qtune.pipeline.lock import OutputLock
 from qtune.pipeline.progress import StageTimings, StepProgress
 from qtune.pipeline.publish import MANIFEST, publish_version, sha256_text
+from qtune.pipeline.remote_sync import output_layout, push
 from qtune.schema import DropReason
 from qtune.stages.shards import ShardWriter, build_shard_rows, file_sha256, stamp_files
 from qtune.stages.token_prune import prune_loss_mask
@@ -315,16 +316,18 @@ def run_triage(
 ) -> TriageSummary:
     """Triage the scored cache of ``epoch`` (default: the newest) and publish ``data/epoch_NNN``
     into ``out_dir`` (default: ``output.dir``)."""
-    target = OutputLayout(Path(out_dir) if out_dir else Path(cfg.output.dir))
+    source = output_layout(cfg.output.dir, cfg.output.work_dir)
+    target = output_layout(out_dir) if out_dir else source
     with OutputLock(target.lock_file, "qtune triage"):
         target.remove_stale_staging("triage-")
-        return _triage(cfg, epoch, target)
+        return _triage(cfg, epoch, source, target)
 
 
-def _triage(cfg: QTuneConfig, epoch: int | None, target: OutputLayout) -> TriageSummary:
+def _triage(
+    cfg: QTuneConfig, epoch: int | None, source: OutputLayout, target: OutputLayout
+) -> TriageSummary:
     started = time.perf_counter()
     timings: dict[str, float] = {}
-    source = OutputLayout(Path(cfg.output.dir))
     if epoch is None:
         scored = source.scored_epochs()
         epoch = scored[-1] if scored else 0
@@ -489,12 +492,13 @@ def _triage(cfg: QTuneConfig, epoch: int | None, target: OutputLayout) -> Triage
         fault_point("triage.staged")
         tick = time.perf_counter()
         version_dir = publish_version(target, epoch, staging, manifest)
+        push(target)
         stages.add("publish", time.perf_counter() - tick)
     finally:
         target.remove_staging_dir(staging)
     return TriageSummary(
-        version_dir=str(version_dir),
-        output_dir=str(target.root),
+        version_dir=target.remote_location(version_dir) if target.remote else str(version_dir),
+        output_dir=target.location,
         epoch=epoch,
         policy=q.policy,
         input_rows=counts["input_rows"],

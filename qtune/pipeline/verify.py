@@ -45,6 +45,7 @@ import yaml
 from qtune import schema
 from qtune.pipeline.layout import VERSION_TRAIN, OutputLayout, epoch_name
 from qtune.pipeline.publish import MANIFEST, latest_epoch, read_manifest
+from qtune.pipeline.remote_sync import output_layout
 from qtune.stages.eu_plane import keep_count
 from qtune.stages.shards import file_sha256
 
@@ -119,14 +120,14 @@ def verify_version(output_dir: str | Path, epoch: int | None = None) -> VerifyRe
     Raises ``VerifyError`` when there is nothing to verify (no such directory, no published
     version, a missing or unreadable manifest); every other defect is a problem in the report.
     """
-    layout = OutputLayout(Path(output_dir))
+    layout = output_layout(output_dir)
     if not layout.root.is_dir():
-        raise VerifyError(f"{layout.root}: no such output directory")
+        raise VerifyError(f"{layout.name}: no such output directory")
     if epoch is None:
         epoch = latest_epoch(layout)
         if epoch is None:
             raise VerifyError(
-                f"{layout.root}: no published version (no LATEST, no data/epoch_*/{MANIFEST})"
+                f"{layout.name}: no published version (no LATEST, no data/epoch_*/{MANIFEST})"
             )
     version = layout.data_dir(epoch)
     if not (version / MANIFEST).is_file():

@@ -34,6 +34,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from qtune.pipeline.layout import OutputLayout
 from qtune.pipeline.lock import OutputLock, OutputLockedError
 from qtune.pipeline.publish import write_atomic
 
@@ -67,12 +68,13 @@ class StopRequested(KeyboardInterrupt):
         self.signum = signum
 
 
-def default_state_file(output_dir: str | Path) -> Path:
-    """Where ``qtune watch`` keeps its state for an output directory: ``<out>/.watch/state.json``.
+def default_state_file(layout: OutputLayout) -> Path:
+    """Where ``qtune watch`` keeps its state for an output directory: ``<out>/.watch/state.json``
+    (in the working copy of a remote output).
 
     One state per output directory: the epochs it publishes follow one training run.
     """
-    return Path(output_dir) / ".watch" / "state.json"
+    return layout.root / ".watch" / "state.json"
 
 
 def checkpoint_step(name: str) -> int | None:

@@ -21,6 +21,7 @@ import glob
 import hashlib
 import json
 import logging
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -28,9 +29,8 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from qtune import schema
+from qtune import schema, storage
 from qtune.schema import RejectReason
 
 logger = logging.getLogger(__name__)
@@ -89,10 +89,16 @@ def _kind_of_file(path: Path) -> str | None:
 
 
 def discover_sources(paths: str | list[str]) -> list[Source]:
-    """Expand files, folders and globs into sorted, de-duplicated sources. Raises InputError."""
+    """Expand files, folders and globs into sorted, de-duplicated sources. Raises InputError.
+
+    Each may be a local path or a filesystem URI (``s3://bucket/corpus/*.jsonl``).
+    """
     specs = [paths] if isinstance(paths, str) else list(paths)
     found: dict[str, Source] = {}
     for spec in specs:
+        if storage.is_remote(spec):
+            found.update(_discover_remote(spec))
+            continue
         matches = sorted(glob.glob(spec, recursive=True)) if glob.has_magic(spec) else [spec]
         if not matches:
             raise InputError(f"input.path {spec!r} matches no file")
@@ -125,6 +131,42 @@ def discover_sources(paths: str | list[str]) -> list[Source]:
     return [found[k] for k in sorted(found)]
 
 
+def _discover_remote(spec: str) -> dict[str, Source]:
+    try:
+        matches = storage.glob(spec) if glob.has_magic(spec) else [spec]
+        if not matches:
+            raise InputError(f"input.path {storage.without_query(spec)!r} matches no file")
+        found: dict[str, Source] = {}
+        for match in matches:
+            shown = storage.without_query(match)
+            if storage.is_dir(match):
+                files = storage.list_files(match)
+                if "state.json" in files or "dataset_dict.json" in files:
+                    raise InputError(
+                        f"{shown}: a saved `datasets` directory on remote storage; copy it "
+                        "locally, or give its data as Parquet/JSONL files"
+                    )
+                for relative in sorted(files):
+                    if any(part.startswith((".", "_")) for part in relative.split("/")):
+                        continue
+                    kind = _kind_of_file(Path(relative))
+                    if kind:
+                        location = storage.join(match, relative)
+                        found[location] = Source(location, kind)
+            elif storage.is_file(match):
+                kind = _kind_of_file(Path(storage.name(match)))
+                if kind is None:
+                    raise InputError(
+                        f"{shown}: unsupported file type (expected .jsonl, .json or .parquet)"
+                    )
+                found[match] = Source(match, kind)
+            elif not glob.has_magic(spec):
+                raise InputError(f"input.path {shown!r} does not exist")
+        return found
+    except OSError as e:
+        raise InputError(f"input.path {storage.without_query(spec)!r}: {e}") from e
+
+
 def _hidden(child: Path, root: Path) -> bool:
     # As Spark and Hadoop do: names starting with "." or "_" are metadata, not data.
     return any(part.startswith((".", "_")) for part in child.relative_to(root).parts)
@@ -137,7 +179,8 @@ def _inside_saved_dataset(child: Path, root: Path) -> bool:
 # --- partitions ---------------------------------------------------------------------------------
 # A partition is a run of consecutive rows of one source: the unit that is read, scored,
 # checkpointed and resumed. Planning reads no row content: JSONL is scanned for line offsets,
-# Parquet and saved datasets give row counts from metadata, a JSON array is parsed once.
+# Parquet and saved datasets give row counts from metadata; a JSON array is decoded once by the
+# planner, which records each partition's byte range (a reader decodes only its own).
 
 
 @dataclass(frozen=True)
@@ -148,7 +191,8 @@ class Partition:
     format: str | None  # resolved row format; None: undetectable, every row is rejected
     row_start: int
     row_count: int
-    byte_offset: int = 0  # JSONL: where row ``row_start``'s line begins
+    byte_offset: int = 0  # JSONL / JSON array: where row ``row_start`` begins
+    byte_end: int = 0  # JSON array: where the partition's last row ends (0: end of file)
     row_groups: tuple[int, ...] = ()  # Parquet: the row groups holding these rows
 
     def to_dict(self) -> dict[str, Any]:
@@ -175,7 +219,7 @@ def _jsonl_partitions(
     rows = 0
     offset = 0
     start_offset = 0
-    with open(path, "rb") as f:
+    with storage.open_input(path) as f:
         for line in f:
             if max_rows is not None and rows >= max_rows:
                 break
@@ -192,21 +236,74 @@ def _jsonl_partitions(
     return spans
 
 
-def _json_array_rows(path: str) -> list[Any] | None:
-    """The rows of a JSON-array file, or None when the file holds JSON lines instead."""
-    with open(path, "rb") as f:
-        data = f.read()
+_ARRAY_SEPARATOR = re.compile(r"\s*([,\]])\s*")
+_DECODER = json.JSONDecoder()
+
+
+def _decode_text(data: bytes, path: str) -> str:
     try:
-        text = data.decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise InputError(f"{path}: not valid UTF-8 ({e})") from e
-    if not text.lstrip().startswith("["):
+
+
+def _array_elements(text: str, pos: int, path: str) -> Iterator[tuple[int, int, Any]]:
+    """(start, end, value) of each element of a JSON array from ``pos`` (an element's start, or the
+    first character after ``[``), until ``]``. Decoded one element at a time (C speed)."""
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n":
+            pos += 1
+        if pos >= len(text) or text[pos] == "]":
+            return
+        try:
+            value, end = _DECODER.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}: invalid JSON array ({e})") from e
+        yield pos, end, value
+        if end >= len(text):
+            return  # a partition's byte range ends with its last element
+        separator = _ARRAY_SEPARATOR.match(text, end)
+        if separator is None:
+            raise InputError(f"{path}: invalid JSON array (expected ',' or ']' at {end})")
+        if separator.group(1) == "]":
+            return
+        pos = separator.end()
+
+
+def _json_array_partitions(
+    path: str, rows_per_partition: int, max_rows: int | None = None
+) -> list[tuple[int, int, int, int]] | None:
+    """(row_start, row_count, byte_offset, byte_end) per partition of a JSON-array file, or
+    None when the file holds JSON lines instead.
+
+    The planner reads the file once; each reader then decodes only its own byte range, so a
+    huge array is scored in bounded partitions like JSONL.
+    """
+    with storage.open_input(path) as f:
+        text = _decode_text(f.read(), path)
+    start = len(text) - len(text.lstrip())
+    if not text.startswith("[", start):
         return None
-    try:
-        rows = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: invalid JSON array ({e})") from e
-    return rows
+    bounds: list[int] = []  # character offsets: partition starts, then the end
+    rows = 0
+    end = start + 1
+    for position, element_end, _ in _array_elements(text, start + 1, path):
+        if max_rows is not None and rows >= max_rows:
+            break
+        if rows % rows_per_partition == 0:
+            bounds.append(position)
+        rows += 1
+        end = element_end
+    if not rows:
+        return []
+    bounds.append(end)
+    byte_bounds = [len(text[: bounds[0]].encode("utf-8"))]
+    for a, b in zip(bounds, bounds[1:], strict=False):
+        byte_bounds.append(byte_bounds[-1] + len(text[a:b].encode("utf-8")))
+    return [
+        (i * rows_per_partition, min(rows_per_partition, rows - i * rows_per_partition), a, b)
+        for i, (a, b) in enumerate(zip(byte_bounds, byte_bounds[1:], strict=False))
+    ]
 
 
 def _load_saved_dataset(path: str, split: str):
@@ -265,16 +362,18 @@ def _plan_source(
 
     try:
         if source.kind == "json":
-            rows = _json_array_rows(source.path)
-            if rows is not None:
-                # json has no streaming parser: an array is one partition (use JSONL at scale).
-                return [make(0, 0, len(rows))] if rows else []
+            arrays = _json_array_partitions(source.path, rows_per_partition, max_rows)
+            if arrays is not None:
+                return [
+                    make(i, a, n, byte_offset=o, byte_end=e)
+                    for i, (a, n, o, e) in enumerate(arrays)
+                ]
         if source.kind in ("jsonl", "json"):
             spans = _jsonl_partitions(source.path, rows_per_partition, max_rows)
             return [make(i, a, n, byte_offset=o) for i, (a, n, o) in enumerate(spans)]
         if source.kind == "parquet":
             try:
-                metadata = pq.ParquetFile(source.path).metadata
+                metadata = storage.parquet_file(source.path).metadata
             except (pa.ArrowInvalid, OSError) as e:
                 raise InputError(f"{source.path}: unreadable Parquet file ({e})") from e
             # Row ranges, not whole row groups: a file written as one huge row group still
@@ -324,7 +423,7 @@ def _iter_jsonl(partition: Partition, batch_rows: int) -> Iterator[list[RawRow]]
     batch: list[RawRow] = []
     index = partition.row_start
     end = partition.row_start + partition.row_count
-    with open(partition.source, "rb") as f:
+    with storage.open_input(partition.source) as f:
         f.seek(partition.byte_offset)
         for line in f:
             if index >= end:
@@ -341,6 +440,38 @@ def _iter_jsonl(partition: Partition, batch_rows: int) -> Iterator[list[RawRow]]
         yield batch
 
 
+def _iter_json_array(partition: Partition, batch_rows: int) -> Iterator[list[RawRow]]:
+    """The partition's elements, decoding only its byte range (the whole file when it has
+    none: format detection reads the first rows of an unplanned array)."""
+    with storage.open_input(partition.source) as f:
+        f.seek(partition.byte_offset)
+        data = (
+            f.read(partition.byte_end - partition.byte_offset) if partition.byte_end else f.read()
+        )
+    text = _decode_text(data, partition.source)
+    pos = len(text) - len(text.lstrip())
+    if partition.byte_offset == 0 and text.startswith("[", pos):
+        pos += 1
+    batch: list[RawRow] = []
+    index = partition.row_start
+    for _, _, value in _array_elements(text, pos, partition.source):
+        if index >= partition.row_start + partition.row_count:
+            break
+        batch.append((index, value, None, None))
+        index += 1
+        if len(batch) >= batch_rows:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _is_json_array(path: str) -> bool:
+    with storage.open_input(path) as f:
+        head = f.read(4096)
+    return head.lstrip().startswith(b"[")
+
+
 def _iter_rows(rows: list[Any], first_index: int, batch_rows: int) -> Iterator[list[RawRow]]:
     for start in range(0, len(rows), batch_rows):
         chunk = rows[start : start + batch_rows]
@@ -348,7 +479,7 @@ def _iter_rows(rows: list[Any], first_index: int, batch_rows: int) -> Iterator[l
 
 
 def _iter_parquet(partition: Partition, batch_rows: int) -> Iterator[list[RawRow]]:
-    parquet = pq.ParquetFile(partition.source)
+    parquet = storage.parquet_file(partition.source)
     groups = list(partition.row_groups) or None
     # Row index of the first row read: the start of the partition's first row group.
     index = sum(parquet.metadata.row_group(g).num_rows for g in range(groups[0])) if groups else 0
@@ -371,10 +502,8 @@ def _iter_hf_dataset(partition: Partition, batch_rows: int, split: str) -> Itera
 def iter_raw_rows(
     partition: Partition, batch_rows: int, split: str = "train"
 ) -> Iterator[list[RawRow]]:
-    if partition.kind == "json":
-        rows = _json_array_rows(partition.source)
-        if rows is not None:
-            return _iter_rows(rows, 0, batch_rows)
+    if partition.kind == "json" and _is_json_array(partition.source):
+        return _iter_json_array(partition, batch_rows)
     if partition.kind in ("jsonl", "json"):
         return _iter_jsonl(partition, batch_rows)
     if partition.kind == "parquet":

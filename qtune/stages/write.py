@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from qtune import schema
+from qtune import schema, storage
 
 STATS_SCHEMA = pa.schema(
     [
@@ -51,18 +51,27 @@ def fragment_name(partition: int, row_index: np.ndarray) -> str:
     return f"p{partition:06d}-{int(row_index[0]):012d}-{int(row_index[-1]):012d}-{len(row_index)}"
 
 
-def fragment_files(fragments_dir: Path, name: str) -> tuple[Path, Path]:
-    """The scored-cache and rejects files of one fragment."""
-    return fragments_dir / f"{name}.scores.parquet", fragments_dir / f"{name}.rejects.parquet"
+def fragment_files(fragments_dir: str | Path, name: str) -> tuple[str, str]:
+    """The scored-cache and rejects files of one fragment (local paths or URIs, as the dir)."""
+    return (
+        storage.join(fragments_dir, f"{name}.scores.parquet"),
+        storage.join(fragments_dir, f"{name}.rejects.parquet"),
+    )
 
 
-def write_parquet(table: pa.Table, path: Path) -> None:
-    """zstd Parquet, written aside and renamed into place (readers never see a partial file).
+def write_parquet(table: pa.Table, path: str | Path) -> None:
+    """zstd Parquet, written aside and renamed into place (readers never see a partial file);
+    on an object store, one upload that becomes visible only once complete.
 
     Never writes an empty file: a single empty row group breaks loaders.
     """
     if not table.num_rows:
         return
+    if storage.is_remote(path):
+        filesystem, key = storage.resolve(path)
+        pq.write_table(table, key, compression="zstd", filesystem=filesystem)
+        return
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     pq.write_table(table, tmp, compression="zstd")
@@ -114,7 +123,7 @@ class WriteScores:
     """
 
     def __init__(self, fragments_dir: str):
-        self.fragments_dir = Path(fragments_dir)
+        self.fragments_dir = str(fragments_dir)  # a local path, or a URI on a cluster
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         schema.require_columns(batch, schema.SCORED_CACHE_SCHEMA.names, "write_scores")

@@ -87,3 +87,12 @@ def published(out: Path) -> dict:
         "counts": manifest["counts"],
         "rejects": rejects.drop_columns([schema.DETAIL]).to_pylist(),
     }
+
+
+def download_all(location: str, target: Path) -> Path:
+    """Every file of a remote directory, copied under ``target`` (what a reader of it sees)."""
+    from qtune import storage
+
+    for relative in storage.list_files(location):
+        storage.download(storage.join(location, *relative.split("/")), target / relative)
+    return target

@@ -1,22 +1,42 @@
-"""Scale-out: a real two-node Ray cluster on loopback runs the pipeline with the embedded result;
+"""Scale-out: a real two-node Ray cluster on loopback (output on S3) publishes the embedded result;
 the scoring actor pool is sized per GPU (or tensor-parallel group)."""
 
 from __future__ import annotations
 
+import uuid
+from pathlib import Path
+
 import pytest
 from typer.testing import CliRunner
 
+from qtune import storage
 from qtune.pipeline.cli import app
 from qtune.pipeline.config import load_config
 from qtune.pipeline.errors import PipelineError
 from qtune.pipeline.score_job import scoring_resources
-from tests.pipeline.mixed_corpus import published, write_config
+from tests.pipeline.mixed_corpus import download_all, published, write_config
 
 
 @pytest.mark.ray
-def test_a_two_node_cluster_publishes_what_embedded_ray_does(mixed, llama_dir, tmp_path):
+def test_a_two_node_cluster_publishes_what_embedded_ray_does(
+    mixed, llama_dir, s3_bucket, tmp_path, monkeypatch
+):
+    """Output on S3, as on a real cluster: writer tasks on both nodes leave their fragments
+    there, the driver completes partitions from them and pushes the version."""
     import ray
     from ray.cluster_utils import Cluster
+
+    from qtune.pipeline import scoring_state
+
+    moved_from: list[str] = []
+    move_into = scoring_state._move_into
+
+    def recording_move_into(source: str, target: Path) -> None:
+        moved_from.append(source)
+        move_into(source, target)
+
+    monkeypatch.setattr(scoring_state, "_move_into", recording_move_into)
+    monkeypatch.setenv("QTUNE_CACHE_DIR", str(tmp_path / "cache"))
 
     # Head and worker each too small for the whole job: reading/tokenising tasks and the scoring
     # actor (1 CPU each) have to spread over both nodes.
@@ -24,13 +44,16 @@ def test_a_two_node_cluster_publishes_what_embedded_ray_does(mixed, llama_dir, t
     cluster.add_node(num_cpus=2)
     cluster.wait_for_nodes()
     try:
-        out = tmp_path / "out"
-        config = write_config(tmp_path / "c.yaml", mixed["corpus"], llama_dir, out)
+        out = storage.join(s3_bucket, f"cluster-{uuid.uuid4().hex[:8]}")
+        config = write_config(tmp_path / "c.yaml", mixed["corpus"], llama_dir, tmp_path / "x")
         result = CliRunner().invoke(
-            app, ["run", str(config), "--set", f"ray.address={cluster.address}"]
+            app,
+            ["run", str(config), "--set", f"ray.address={cluster.address}"]
+            + ["--set", f"output.dir={out}"],
         )
         assert result.exit_code == 0, result.output
-        assert published(out) == published(mixed["out"])
+        assert published(download_all(out, tmp_path / "out")) == published(mixed["out"])
+        assert moved_from and all(storage.is_remote(source) for source in moved_from)
         ray.init(address=cluster.address)
         assert len([n for n in ray.nodes() if n["Alive"]]) == 2
         ray.shutdown()

@@ -246,6 +246,28 @@ def test_jsonl_partitions_cover_every_row_once_and_skip_blank_lines(tmp_path):
     assert ids.to_pylist() == ["4", "5", "6", "7"]
 
 
+def test_json_array_partitions_are_byte_ranges_decoded_alone(tmp_path):
+    path = tmp_path / "a.json"
+    rows = [
+        {"id": i, "messages": [{"role": "user", "content": f"q{i} é 漢"}, *CHAT[1:]]}
+        for i in range(11)
+    ]
+    path.write_text("  [\n" + ",\n ".join(json.dumps(r, ensure_ascii=False) for r in rows) + "]")
+    partitions = plan_source(Source(str(path), "json"), "messages", 0, rows_per_partition=4)
+    assert [(p.row_start, p.row_count) for p in partitions] == [(0, 4), (4, 4), (8, 3)]
+    data = path.read_bytes()
+    for partition in partitions:  # each range holds exactly its own rows (multi-byte text too)
+        text = data[partition.byte_offset : partition.byte_end].decode("utf-8").rstrip(", \n")
+        assert [r["id"] for r in json.loads(f"[{text}]")] == list(
+            range(partition.row_start, partition.row_start + partition.row_count)
+        )
+    assert _rows_of(partitions) == list(range(11))
+    ids = pa.concat_tables(list(read_partition(partitions[1]))).column(schema.SAMPLE_ID)
+    assert ids.to_pylist() == ["4", "5", "6", "7"]
+    limited = plan_source(Source(str(path), "json"), "messages", 0, 4, max_rows=6)
+    assert [(p.row_start, p.row_count) for p in limited] == [(0, 4), (4, 2)]
+
+
 def test_parquet_partitions_are_bounded_row_ranges(tmp_path):
     path = tmp_path / "a.parquet"
     table = pa.table({"messages": [CHAT] * 10, "id": [str(i) for i in range(10)]})
