@@ -8,28 +8,35 @@ Each round of this one run does, in turn:
     timestamps of Ray Data's own log of the run);
 (b) the model forward alone: the same backend, options and token ids (read back from (a)'s scored
     cache, plus the repeated sample_ids the pipeline scored and then moved to the rejects), in the
-    same windows of `scoring.batch_size` rows, in a spawned child process without Ray, with
-    `OMP_NUM_THREADS` as Ray sets it in a scoring actor (`scoring.cpus_per_worker`) and, unless
-    `--no-all-cores`, once more with every core. Imports, engine start and forward are timed apart;
+    same windows of `scoring.batch_size` rows, in a spawned child process without Ray, with the
+    scoring actor's thread count (`ScoringOptions.num_threads` as the pipeline sets it) and,
+    unless `--no-all-cores`, once more with every core. Imports, engine start and forward are
+    timed apart;
 (c) read + tokenisation alone, in a spawned child with one thread (as a Ray task gets), and the
-    driver's preflight + input planning.
+    driver's preflight + input planning; and the tokenizer's load in a fresh process (as in each
+    Ray worker that tokenises), through qtune's `load_tokenizer` and through `AutoTokenizer`.
 
 The overhead share is the part of (a)'s wall time not spent in the forward:
 `(wall - forward - start-up) / wall` and `(wall - forward) / wall` (goal: under 15%). Each figure
-is the best (minimum) over the rounds. `--prototype` also runs (a), in every round right after the
-baseline, with a fix the figures point to applied from outside qtune (see PROTOTYPES below) and
-reports its wall time against the baseline's. (a) runs with RAY_ADDRESS=local (unless set), so
-that it never joins another Ray cluster on the machine. Prints the figures, writes them as JSON.
+is the best (minimum) over the rounds. `--prototype` also runs (a), in every round beside the
+baseline (a different run first in each round), with a fix the figures point to applied from
+outside qtune (see PROTOTYPES below) and reports its wall time against the baseline's.
+`--baseline-ref REF` does the same with the files `--baseline-path` names (default: all of
+qtune/) as they were at git REF, the rest of qtune/ as in this checkout: a before/after of a
+change in one run. (a) runs with RAY_ADDRESS=local (unless set), so that it never joins another
+Ray cluster on the machine. Prints the figures, writes them as JSON.
 
     python benchmarks/pipeline_overhead.py                    # vllm, configs/demo.yaml, 2 rounds
     python benchmarks/pipeline_overhead.py --backend torch --rounds 3
-    python benchmarks/pipeline_overhead.py --rounds 3 --prototype eager-engine \
-        --prototype all-core-actor --prototype eager-engine+all-core-actor
+    python benchmarks/pipeline_overhead.py --rounds 3 --prototype all-core-actor \
+        --baseline-ref HEAD --baseline-path qtune/stages/score \
+        --baseline-path qtune/stages/tokenize.py
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import multiprocessing
 import os
@@ -38,6 +45,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from dataclasses import replace
@@ -83,21 +91,23 @@ FIRST_SCORE_TASK = re.compile(
 )
 
 
-# PROTOTYPES of the fixes this benchmark points to, applied to (a) without editing qtune:
-# - eager-engine: a `sitecustomize` on PYTHONPATH (Ray workers inherit the driver's environment)
-#   patches the Score stage so that a scoring actor builds its backend when it starts, not at its
-#   first batch (the engine's imports and start then overlap the first partition's tokenisation);
-# - all-core-actor: OMP_NUM_THREADS = every core, so the scoring actor (1 CPU reserved, hence 1
-#   thread by Ray's default) runs its forward on all cores.
-EAGER_ENGINE_SHIM = """\
+# PROTOTYPES of the fixes this benchmark points to, applied to (a) without editing qtune. Applied
+# since: eager-engine (the Score stage starts its backend in its constructor) and the backends'
+# explicit thread count (ScoringOptions.num_threads; None = every core).
+# - all-core-actor: a `sitecustomize` on PYTHONPATH (Ray workers inherit the driver's
+#   environment) makes `score_job.scoring_options` leave `num_threads` unset, so the scoring
+#   actor (1 CPU reserved in Ray, so that tokenisation tasks still run beside it) runs its forward
+#   on every core: what a `scoring.cpu_threads` knob defaulting to every core would do.
+PROTOTYPE_SHIM = """\
+import dataclasses
 import importlib.machinery
 import os
 import sys
 
 
-class _EagerScore:
+class _AllCoreActor:
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != "qtune.stages.score.stage":
+        if fullname != "qtune.pipeline.score_job":
             return None
         spec = importlib.machinery.PathFinder.find_spec(fullname, path)
         if spec is None or spec.loader is None:
@@ -106,40 +116,67 @@ class _EagerScore:
 
         def patched(module):
             exec_module(module)
-            init = module.Score.__init__
+            scoring_options = module.scoring_options
 
-            def __init__(self, *args, **kwargs):
-                init(self, *args, **kwargs)
-                if sys.argv and sys.argv[0].endswith("default_worker.py"):  # in a Ray worker
-                    self.backend  # build the engine now, while the first partition tokenises
+            def every_core(*args, **kwargs):
+                return dataclasses.replace(scoring_options(*args, **kwargs), num_threads=None)
 
-            module.Score.__init__ = __init__
+            module.scoring_options = every_core
 
         spec.loader.exec_module = patched
         return spec
 
 
-if os.environ.get("QTUNE_PROTOTYPE_EAGER_ENGINE"):
-    sys.meta_path.insert(0, _EagerScore())
+if os.environ.get("QTUNE_PROTOTYPE_ALL_CORE_ACTOR"):
+    sys.meta_path.insert(0, _AllCoreActor())
 """
+PROTOTYPES = ("all-core-actor",)
 
 
 def prototype_env(name: str, shim_dir: Path) -> dict[str, str]:
-    """Environment of (a) for a prototype: eager-engine, all-core-actor, or both (joined by +)."""
+    """Environment of (a) for a prototype (several may be joined by +)."""
     env: dict[str, str] = {}
     for part in name.split("+"):
-        if part == "eager-engine":
-            shim_dir.mkdir(exist_ok=True)
-            (shim_dir / "sitecustomize.py").write_text(EAGER_ENGINE_SHIM)
-            path = os.environ.get("PYTHONPATH")
-            env["PYTHONPATH"] = str(shim_dir) + (os.pathsep + path if path else "")
-            env["QTUNE_PROTOTYPE_EAGER_ENGINE"] = "1"
-        elif part == "all-core-actor":
-            # Ray sets OMP_NUM_THREADS to an actor's num_cpus (1) unless it is already set.
-            env["OMP_NUM_THREADS"] = str(os.cpu_count() or 1)
-        else:
-            raise SystemExit(f"unknown prototype {part!r}; valid: eager-engine, all-core-actor")
+        if part not in PROTOTYPES:
+            raise SystemExit(f"unknown prototype {part!r}; valid: {', '.join(PROTOTYPES)}")
+        shim_dir.mkdir(exist_ok=True)
+        (shim_dir / "sitecustomize.py").write_text(PROTOTYPE_SHIM)
+        path = os.environ.get("PYTHONPATH")
+        env["PYTHONPATH"] = str(shim_dir) + (os.pathsep + path if path else "")
+        env[f"QTUNE_PROTOTYPE_{part.upper().replace('-', '_')}"] = "1"
     return env
+
+
+def prototype_threads(name: str, actor_threads: int) -> int:
+    return os.cpu_count() or 1 if "all-core-actor" in name.split("+") else actor_threads
+
+
+def baseline_tree(ref: str, paths: list[str], into: Path) -> Path:
+    """A copy of this checkout's qtune/ with ``paths`` as at git ``ref`` (for (a) to import).
+
+    (a) then runs in ``into`` (Ray workers import from the driver's working directory), which
+    links this checkout's configs/ and .cache/ (the demo assets).
+    """
+    outside = [p for p in paths if Path(p).parts[:1] != ("qtune",)]
+    if outside:
+        raise SystemExit(f"--baseline-path must name files under qtune/, not {outside}")
+    shutil.copytree("qtune", into / "qtune", ignore=shutil.ignore_patterns("__pycache__"))
+    for path in paths:  # files added since ref must go too
+        target = into / path
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+    archive = subprocess.run(
+        ["git", "archive", "--format=tar", ref, "--", *paths],
+        capture_output=True,
+        check=True,
+    ).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(into, filter="data")
+    for name in ("configs", ".cache"):
+        (into / name).symlink_to(Path(name).absolute())
+    return into
 
 
 def code_state() -> dict:
@@ -176,9 +213,17 @@ def _first_score_task(ray_data_dir: str | None, spawned_at: float) -> float | No
 
 
 def run_pipeline(
-    config: Path, overrides: list[str], out_dir: Path, log_path: Path, extra_env: dict[str, str]
+    config: Path,
+    overrides: list[str],
+    out_dir: Path,
+    log_path: Path,
+    extra_env: dict[str, str],
+    tree: Path | None = None,
 ) -> dict:
-    """(a): `qtune run` as a subprocess; wall time, marker times, the printed stage table."""
+    """(a): `qtune run` as a subprocess; wall time, marker times, the printed stage table.
+
+    ``tree``: import qtune from there (a ``baseline_tree``) and run in it.
+    """
     command = [qtune_command(), "run", str(config)]
     for item in [*overrides, f"output.dir={out_dir}"]:
         command += ["--set", item]
@@ -187,6 +232,9 @@ def run_pipeline(
     # connects to the one whose address a `ray start` (or a test's ray.cluster_utils.Cluster)
     # left in /tmp/ray/ray_current_cluster, and dies with it.
     env.setdefault("RAY_ADDRESS", "local")
+    if tree is not None:
+        path = env.get("PYTHONPATH")
+        env["PYTHONPATH"] = str(tree) + (os.pathsep + path if path else "")
     patterns = {name: pattern for name, pattern, _ in MARKERS if pattern is not None}
     markers: dict[str, float] = {}
     printed: dict[str, float] = {}
@@ -196,7 +244,12 @@ def run_pipeline(
     started = time.perf_counter()
     with log_path.open("w") as log:
         process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            cwd=tree,
         )
         assert process.stdout is not None
         for line in process.stdout:
@@ -390,6 +443,31 @@ def _tokenize_child(config: Path, overrides: list[str], queue) -> None:
         raise
 
 
+def _tokenizer_load_child(model_path: str, chat_template: str | None, how: str, queue) -> None:
+    """(c), in a fresh process (as a Ray worker's first tokenisation): the tokenizer's load,
+    through qtune's ``load_tokenizer`` or, as it was done before, ``AutoTokenizer``."""
+    try:
+        started = time.perf_counter()
+        if how == "qtune":
+            from qtune.stages.tokenize import load_tokenizer
+
+            tokenizer = load_tokenizer(model_path, chat_template)
+        else:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(model_path)
+        queue.put(
+            {
+                "seconds": time.perf_counter() - started,
+                "class": type(tokenizer).__name__,
+                "torch_imported": "torch" in sys.modules,
+            }
+        )
+    except BaseException as e:  # the parent reports it
+        queue.put({"error": f"{type(e).__name__}: {e}"})
+        raise
+
+
 def in_child(target, args: tuple, threads: int) -> dict:
     """Run ``target(*args, queue)`` in a spawned process with OMP_NUM_THREADS=threads."""
     context = multiprocessing.get_context("spawn")
@@ -425,15 +503,27 @@ def main() -> None:
         action="append",
         default=[],
         metavar="NAME",
-        help="also run (a) with a prototype fix, alternating with the baseline: eager-engine, "
-        "all-core-actor, or several joined by + (e.g. eager-engine+all-core-actor)",
+        help=f"also run (a) with a prototype fix, alternating with the baseline: "
+        f"{', '.join(PROTOTYPES)}, or several joined by +",
+    )
+    parser.add_argument(
+        "--baseline-ref",
+        metavar="REF",
+        help="also run (a) with the --baseline-path files as at git REF (e.g. HEAD): before/after",
+    )
+    parser.add_argument(
+        "--baseline-path",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="files or folders under qtune/ that --baseline-ref takes from REF (default: qtune)",
     )
     parser.add_argument(
         "--env",
         action="append",
         default=[],
         metavar="K=V",
-        help="environment of (a), e.g. OMP_NUM_THREADS=2 (Ray then leaves it to the actor)",
+        help="environment of (a), e.g. VLLM_CPU_KVCACHE_SPACE=2",
     )
     parser.add_argument(
         "--out", type=Path, default=Path("benchmarks/results/pipeline_overhead.json")
@@ -443,6 +533,8 @@ def main() -> None:
     from qtune.demo.assets import prepare_demo
     from qtune.pipeline.config import load_config
     from qtune.pipeline.score_job import scoring_options
+    from qtune.stages.score import cpu_threads
+    from qtune.stages.tokenize import resolve_chat_template
 
     overrides = [f"scoring.backend={args.backend}", *args.overrides]
     cfg = load_config(args.config, overrides)
@@ -451,8 +543,11 @@ def main() -> None:
     print(f"demo assets ready in {time.perf_counter() - started:.1f} s")
     options = scoring_options(cfg)
     extra_env = dict(item.split("=", 1) for item in args.env)
-    # Ray sets OMP_NUM_THREADS to an actor's num_cpus unless the environment already sets it.
-    actor_threads = int(extra_env.get("OMP_NUM_THREADS", cfg.scoring.cpus_per_worker))
+    # The backends set their thread count from the options (Ray's OMP_NUM_THREADS aside).
+    actor_threads = cpu_threads(options.num_threads)
+    model_path = str(Path(cfg.model.path).absolute())
+    chat_template = resolve_chat_template(cfg.model.chat_template)
+    config = args.config.absolute()
     thread_counts = [actor_threads]
     if not args.no_all_cores and (os.cpu_count() or 1) != actor_threads:
         thread_counts.append(os.cpu_count() or 1)
@@ -461,23 +556,32 @@ def main() -> None:
     windows: list[list] | None = None
     workload: dict = {}
     with tempfile.TemporaryDirectory(prefix="qtune-overhead-") as tmp:
+        # The runs of (a): (name, environment, tree to import qtune from, actor threads).
+        runs: list[tuple[str, dict[str, str], Path | None, int]] = [
+            ("baseline", extra_env, None, actor_threads)
+        ]
+        for name in args.prototype:
+            env = {**extra_env, **prototype_env(name, Path(tmp) / "shim")}
+            runs.append((name, env, None, prototype_threads(name, actor_threads)))
+        if args.baseline_ref:
+            paths = args.baseline_path or ["qtune"]
+            tree = baseline_tree(args.baseline_ref, paths, Path(tmp) / "baseline-tree")
+            runs.append((f"{args.baseline_ref}:{','.join(paths)}", extra_env, tree, actor_threads))
         for index in range(args.rounds):
-            out_dir = Path(tmp) / f"run-{index}"
-            log_path = Path(tmp) / f"run-{index}.log"
-            run = run_pipeline(args.config, overrides, out_dir, log_path, extra_env)
-            print(f"round {index + 1}: (a) qtune run {run['wall_s']:.1f} s")
-            if windows is None:
-                windows, workload = forward_windows(out_dir, cfg.scoring.batch_size)
-            shutil.rmtree(out_dir, ignore_errors=True)
             variants = {}
-            for name in args.prototype:
-                env = {**extra_env, **prototype_env(name, Path(tmp) / "shim")}
-                v_out = Path(tmp) / f"run-{index}-{name}"
-                v_log = Path(tmp) / f"run-{index}-{name}.log"
-                variants[name] = run_pipeline(args.config, overrides, v_out, v_log, env)
-                variants[name]["threads"] = int(env.get("OMP_NUM_THREADS", actor_threads))
-                print(f"round {index + 1}: (a) qtune run, {name}: {variants[name]['wall_s']:.1f} s")
-                shutil.rmtree(v_out, ignore_errors=True)
+            # A different run goes first in each round: the machine warms up (page cache, CPU
+            # clock) over a round.
+            for name, env, tree, threads in runs[index % len(runs) :] + runs[: index % len(runs)]:
+                out_dir = Path(tmp) / f"run-{index}-{len(variants)}"
+                log_path = Path(tmp) / f"run-{index}-{len(variants)}.log"
+                got = run_pipeline(config, overrides, out_dir, log_path, env, tree)
+                got["threads"] = threads
+                variants[name] = got
+                print(f"round {index + 1}: (a) qtune run, {name}: {got['wall_s']:.1f} s")
+                if windows is None and name == "baseline":
+                    windows, workload = forward_windows(out_dir, cfg.scoring.batch_size)
+                shutil.rmtree(out_dir, ignore_errors=True)
+            run = variants.pop("baseline")
             forward = {}
             for threads in thread_counts:
                 f = in_child(_forward_child, (args.backend, options, windows, threads), threads)
@@ -488,10 +592,15 @@ def main() -> None:
                     f"(imports {f['import_s']:.1f} s + engine {f['engine_s']:.1f} s)"
                 )
             tok = in_child(_tokenize_child, (args.config, overrides), 1)
+            for how in ("qtune", "auto"):
+                load = in_child(_tokenizer_load_child, (model_path, chat_template, how), 1)
+                tok[f"tokenizer_load_{how}_s"] = load["seconds"]
             print(
                 f"round {index + 1}: (c) read {tok['read_s']:.2f} s + tokenise "
                 f"{tok['tokenize_s']:.2f} s for {tok['rows']:,} rows; preflight "
-                f"{tok['preflight_s']:.2f} s + plan {tok['plan_s']:.2f} s"
+                f"{tok['preflight_s']:.2f} s + plan {tok['plan_s']:.2f} s; tokenizer load "
+                f"{tok['tokenizer_load_qtune_s']:.2f} s (AutoTokenizer "
+                f"{tok['tokenizer_load_auto_s']:.2f} s)"
             )
             rounds.append({"run": run, "variants": variants, "forward": forward, "tokenize": tok})
 
@@ -508,7 +617,16 @@ def main() -> None:
     startup_s = best_forward(actor_threads, "startup_s")
     tokenize = {
         k: best_tokenize(k)
-        for k in ("import_s", "preflight_s", "torch_import_s", "plan_s", "read_s", "tokenize_s")
+        for k in (
+            "import_s",
+            "preflight_s",
+            "torch_import_s",
+            "plan_s",
+            "read_s",
+            "tokenize_s",
+            "tokenizer_load_qtune_s",
+            "tokenizer_load_auto_s",
+        )
     }
     result = {
         "config": str(args.config),
@@ -546,8 +664,9 @@ def main() -> None:
         "rounds_detail": rounds,
     }
     result["goal_met"] = result["overhead_share"] < GOAL_SHARE
+    # Every other run of (a): the prototypes and the --baseline-ref tree.
     result["prototypes"] = {}
-    for name in args.prototype:
+    for name in rounds[0]["variants"]:
         v_best = min((r["variants"][name] for r in rounds), key=lambda v: v["wall_s"])
         threads = v_best["threads"]
         v_forward = best_forward(threads, "forward_s") if threads in thread_counts else forward_s
@@ -591,6 +710,10 @@ def main() -> None:
         f"{tokenize['torch_import_s']:.2f} s, plan {tokenize['plan_s']:.2f} s)"
     )
     print(
+        f"tokenizer load, fresh process     {tokenize['tokenizer_load_qtune_s']:7.2f} s"
+        f"  (AutoTokenizer {tokenize['tokenizer_load_auto_s']:.2f} s)"
+    )
+    print(
         f"overhead (wall - forward - start-up) / wall  {result['overhead_share_excl_startup']:6.1%}"
     )
     print(
@@ -616,7 +739,7 @@ def main() -> None:
         )
     for name, proto in result["prototypes"].items():
         print(
-            f"prototype {name}: wall {proto['wall_s']:.2f} s = "
+            f"variant {name}: wall {proto['wall_s']:.2f} s = "
             f"{proto['wall_ratio_to_baseline']:.2f}x the baseline ({proto['speedup']:.2f}x "
             f"faster); overhead (wall - forward at "
             f"{proto['actor_threads']} thread(s)) / wall {proto['overhead_share']:.1%}"

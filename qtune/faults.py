@@ -3,9 +3,11 @@
 ``QTUNE_FAULT=<point>[:<n>]`` kills the process (SIGKILL: no cleanup, no ``finally``) the n-th
 time (default: first) it reaches ``fault_point("<point>")``. With ``QTUNE_FAULT_ONCE=<file>`` the
 fault fires only while that file does not exist (it is created first), so a restarted worker
-survives. Points: ``score.partition_done``, ``score.before_finalize``, ``score.dedup_written``,
-``score.rejects_published``, ``score.published``, ``triage.staged``, ``triage.moved`` (driver),
-``score.batch`` (inside a scoring actor).
+survives. ``QTUNE_FAULT_SIGNAL=STOP`` freezes the process there instead (SIGSTOP), for a
+test that kills it from outside at a known point. Points: ``score.partition_done``,
+``score.before_finalize``, ``score.dedup_written``, ``score.rejects_published``,
+``score.published``, ``triage.staged``, ``triage.moved`` (driver), ``score.batch`` (inside a
+scoring actor).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 
 FAULT_ENV = "QTUNE_FAULT"
 FAULT_ONCE_ENV = "QTUNE_FAULT_ONCE"
+FAULT_SIGNAL_ENV = "QTUNE_FAULT_SIGNAL"
 _reached: Counter[str] = Counter()
 
 
@@ -36,4 +39,5 @@ def fault_point(name: str) -> None:
             Path(once).touch(exist_ok=False)
         except FileExistsError:
             return
-    os.kill(os.getpid(), signal.SIGKILL)
+    stop = os.environ.get(FAULT_SIGNAL_ENV, "").upper() == "STOP"
+    os.kill(os.getpid(), signal.SIGSTOP if stop else signal.SIGKILL)

@@ -45,11 +45,23 @@ def _local(location: str | os.PathLike) -> str:
     return text[len("file://") :] if text.startswith("file://") else text
 
 
+def _split(location: str | os.PathLike):
+    # No fragments: "#" is an ordinary character in object keys.
+    return urlsplit(str(location), allow_fragments=False)
+
+
+def has_magic(location: str | os.PathLike) -> bool:
+    """Whether a location is a glob. In a URI only its path counts (``?`` starts the query
+    there, so use ``*`` or ``[…]`` as wildcards)."""
+    path = _split(location).path if is_remote(location) else str(location)
+    return local_glob.has_magic(path)
+
+
 def join(location: str | os.PathLike, *parts: str) -> str:
     """``location / part / …``; a URI keeps its query after the joined path."""
     if not is_remote(location):
         return str(Path(_local(location)).joinpath(*parts))
-    split = urlsplit(str(location))
+    split = _split(location)
     path = "/".join([split.path.rstrip("/"), *(p.strip("/") for p in parts)])
     return urlunsplit((split.scheme, split.netloc, path, split.query, ""))
 
@@ -57,15 +69,17 @@ def join(location: str | os.PathLike, *parts: str) -> str:
 def name(location: str | os.PathLike) -> str:
     if not is_remote(location):
         return Path(_local(location)).name
-    return urlsplit(str(location)).path.rstrip("/").rsplit("/", 1)[-1]
+    return _split(location).path.rstrip("/").rsplit("/", 1)[-1]
 
 
 def without_query(location: str) -> str:
-    """The location as shown to people and hashed for cache keys (no endpoint options)."""
+    """The location as shown to people and hashed for cache keys: no endpoint options, no
+    credentials (``user:secret@``)."""
     if not is_remote(location):
         return str(location)
-    split = urlsplit(location)
-    return urlunsplit((split.scheme, split.netloc, split.path, "", ""))
+    split = _split(location)
+    host = split.netloc.rsplit("@", 1)[-1]
+    return urlunsplit((split.scheme, host, split.path, "", ""))
 
 
 @functools.lru_cache(maxsize=64)
@@ -91,12 +105,11 @@ def resolve(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     """The pyarrow filesystem holding ``location`` and the path inside it."""
     if not is_remote(location):
         return pafs.LocalFileSystem(), str(Path(_local(location)).absolute())
-    split = urlsplit(str(location))
+    split = _split(location)
     # The filesystem depends on scheme, host/bucket and options, not on the path: cache by those.
     filesystem = _filesystem_for(urlunsplit((split.scheme, split.netloc, "", split.query, "")))
-    if isinstance(filesystem, pafs.PyFileSystem):
-        return filesystem, f"{split.netloc}{split.path}".rstrip("/") or "/"
-    return filesystem, f"{split.netloc}{split.path}".rstrip("/")
+    host = split.netloc.rsplit("@", 1)[-1]  # credentials in the URI are the filesystem's
+    return filesystem, f"{host}{split.path}".rstrip("/") or "/"
 
 
 def _info(location: str) -> pafs.FileInfo:
@@ -147,11 +160,11 @@ def glob(pattern: str) -> list[str]:
     """Files and directories matching a glob (``**`` spans directories), sorted."""
     if not is_remote(pattern):
         return sorted(local_glob.glob(_local(pattern), recursive=True))
-    split = urlsplit(pattern)
+    split = _split(pattern)
     literal = []
     for part in split.path.strip("/").split("/"):
         if local_glob.has_magic(part):
-            break
+            break  # the literal directories before the first wildcard are listed
         literal.append(part)
     base = join(urlunsplit((split.scheme, split.netloc, "/" + "/".join(literal), split.query, "")))
     rest = split.path.strip("/").split("/")[len(literal) :]

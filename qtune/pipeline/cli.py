@@ -102,8 +102,10 @@ def _guard(job: Callable[[], T]) -> T:
     from qtune.stages.ingest import InputError
     from qtune.stages.score import ScoringSetupError
     from qtune.stages.tokenize import TokenizerSetupError
+    from qtune.storage import StorageError
 
     expected = (
+        StorageError,
         PipelineError,
         InputError,
         ScoringSetupError,
@@ -392,8 +394,10 @@ def triage(
     config: ConfigArg,
     set_: SetOpt = None,
     out: Annotated[
-        Path | None,
-        typer.Option(help="Publish into this directory instead of output.dir (for sweeps)."),
+        str | None,
+        typer.Option(
+            help="Publish into this directory (or URI) instead of output.dir (for sweeps)."
+        ),
     ] = None,
     epoch: Annotated[
         int | None, typer.Option(help="Scored epoch to triage (default: the newest).")
@@ -406,7 +410,7 @@ def triage(
     _setup_logging(verbose)
     cfg = _load(config, set_)
     logging.getLogger(__name__).info(
-        "re-using the scored cache in %s (no re-scoring)", Path(cfg.output.dir) / "scores"
+        "re-using the scored cache of %s (no re-scoring)", storage.without_query(cfg.output.dir)
     )
     print_triage_summary(_guard(lambda: run_triage(cfg, epoch=epoch, out_dir=out)))
 

@@ -50,10 +50,10 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from transformers import TrainerCallback
 
-from qtune import schema
+from qtune import schema, storage
 from qtune.pipeline.layout import epoch_name
 from qtune.pipeline.publish import latest_epoch, published_epochs, read_manifest
-from qtune.pipeline.remote_sync import CONSUMED, output_layout, pull_remote
+from qtune.pipeline.remote_sync import CONSUMED, output_layout, read_latest
 
 if TYPE_CHECKING:
     import datasets
@@ -115,7 +115,7 @@ def resolve_epoch(out_dir: str | Path, epoch: int | str | None = None) -> int:
 
 def version_files(out_dir: str | Path, epoch: int) -> list[tuple[Path, int]]:
     """``(path, rows)`` of each train shard of a published version, from its manifest."""
-    layout = output_layout(out_dir, pull=False)
+    layout = output_layout(out_dir, only=(f"data/{epoch_name(epoch)}",))
     manifest = read_manifest(layout, epoch)
     return [(layout.data_dir(epoch) / f["path"], int(f["rows"])) for f in manifest["files"]]
 
@@ -247,7 +247,7 @@ class LatestVersionDataset(IterableDataset):
             raise ValueError(
                 f"need seed >= 0 and shuffle_window >= 1; got {seed}, {shuffle_window}"
             )
-        self.out_dir = Path(out_dir).absolute()
+        self.out_dir = str(out_dir) if storage.is_remote(out_dir) else Path(out_dir).absolute()
         self.columns: list[str] = list(TRAIN_COLUMNS) + [
             c for c in (columns or []) if c not in TRAIN_COLUMNS
         ]
@@ -564,15 +564,17 @@ class RescoreCallback(TrainerCallback):
         self, epoch: int, deadline: float, after: str, log: str | None = None
     ) -> None:
         while True:
-            pull_remote(self.layout, ("LATEST",))
-            current = latest_epoch(self.layout)
+            try:
+                current = _parse_epoch(read_latest(self.layout) or "")
+            except ValueError:
+                current = None  # no LATEST yet, or not an epoch name
             if current is not None and current >= epoch:
                 return
             if time.monotonic() > deadline:
                 named = epoch_name(current) if current is not None else "nothing"
                 where = f" (log: {log})" if log else ""
                 raise RescoreError(
-                    f"after {after}, {self.layout.root / 'LATEST'} names {named}, not "
+                    f"after {after}, {storage.join(self.layout.name, 'LATEST')} names {named}, not "
                     f"{epoch_name(epoch)}{where}"
                 )
             time.sleep(self.poll_s)

@@ -13,9 +13,10 @@ order that keeps every reader consistent:
 5. only then, remote files the working copy no longer has (replaced versions, ``--restart``).
 
 Before a job (or ``report`` / ``verify`` / ``inspect`` / ``load_version``) the working copy is
-**pulled**: files the remote has and the copy lacks, or holds in another size, are downloaded;
-files a push or pull recorded that have since gone from the remote are removed here too.
-A record of what was last synced (size and mtime per file) lets a push skip unchanged files.
+**pulled**. A record of what was last synced (size and mtime per file) is the common base of a
+three-way comparison: a file changed or deleted here since the last sync is this machine's
+unpushed work and is never overwritten or brought back; otherwise the remote's version wins
+(downloaded when it differs, removed here when it is gone there).
 
 One writer per output at a time: the output lock lives in the working copy, so it keeps two
 processes on one machine apart, not two machines sharing one remote output.
@@ -23,6 +24,7 @@ processes on one machine apart, not two machines sharing one remote output.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import logging
@@ -31,12 +33,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from qtune import storage
+from qtune.pipeline.errors import PipelineError
 from qtune.pipeline.layout import SCORE_SUMMARY, SYNCED, OutputLayout
 
 logger = logging.getLogger(__name__)
 
 SYNC_RECORD = ".qtune-sync.json"
-CONSUMED = ("data", "README.md", "LATEST")  # what a trainer reading versions needs
+# What a trainer choosing a version needs (then only that version's folder).
+CONSUMED = ("LATEST", "README.md", "data/*/manifest.json")
 _SMALL_MUTABLE = {"README.md", "LATEST", "manifest.json", SCORE_SUMMARY, "_config.json"}
 _THREADS = 8
 
@@ -57,8 +61,8 @@ def output_layout(
 ) -> OutputLayout:
     """The layout of an output directory or URI (for a URI: its working copy, pulled first).
 
-    ``only``: the top-level names to pull (a trainer needs ``data``, not the scored cache).
-    An ``OutputLayout`` is returned as it is (pulled when asked).
+    ``only``: what to pull, as paths or patterns (``data/*/manifest.json``); a folder includes
+    everything under it. An ``OutputLayout`` is returned as it is (pulled when asked).
     """
     if isinstance(location, OutputLayout):
         if pull:
@@ -88,19 +92,26 @@ def _commit_rank(relative: str) -> int:
 def _synced(relative: str, only: tuple[str, ...] = SYNCED) -> bool:
     parts = relative.split("/")
     # Hidden names are temporaries and staging (".x.tmp-…", ".epoch_001.old-…").
-    return parts[0] in only and not any(p.startswith(".") for p in parts)
+    if parts[0] not in SYNCED or any(p.startswith(".") for p in parts):
+        return False
+    return any(
+        relative == pattern
+        or relative.startswith(pattern + "/")
+        or fnmatch.fnmatch(relative, pattern)
+        for pattern in only
+    )
 
 
 def _local_files(
     layout: OutputLayout, only: tuple[str, ...] = SYNCED
 ) -> dict[str, tuple[int, int]]:
     files = {}
-    for name in only:
+    for name in SYNCED:
         top = layout.root / name
         candidates = [top] if top.is_file() else (top.rglob("*") if top.is_dir() else [])
         for path in candidates:
             relative = path.relative_to(layout.root).as_posix()
-            if path.is_file() and _synced(relative):
+            if _synced(relative, only) and path.is_file():
                 stat = path.stat()
                 files[relative] = (stat.st_size, stat.st_mtime_ns)
     return files
@@ -125,6 +136,18 @@ def _write_record(layout: OutputLayout, record: dict[str, list[int]]) -> None:
     write_atomic(layout.root / SYNC_RECORD, json.dumps(record, sort_keys=True))
 
 
+def check_writable(layout: OutputLayout) -> None:
+    """Fail before any work when the remote output cannot be written (bucket, credentials)."""
+    if layout.remote is None:
+        return
+    probe = storage.join(layout.remote, ".staging", f".write-check-{os.getpid()}")
+    try:
+        storage.write_bytes(probe, b"qtune")
+        storage.remove(probe)
+    except OSError as e:
+        raise PipelineError(f"output.dir {layout.name} cannot be written: {e}") from e
+
+
 def push(layout: OutputLayout) -> int:
     """Publish the working copy's finished files to the remote output, in commit order.
 
@@ -132,6 +155,16 @@ def push(layout: OutputLayout) -> int:
     """
     if layout.remote is None:
         return 0
+    try:
+        return _push(layout)
+    except OSError as e:
+        raise PipelineError(
+            f"publishing to {layout.name} failed: {e}. The work is complete in {layout.root}; "
+            "re-running the same command pushes it"
+        ) from e
+
+
+def _push(layout: OutputLayout) -> int:
     local = _local_files(layout)
     remote = _remote_files(layout)
     record = _read_record(layout)
@@ -152,6 +185,7 @@ def push(layout: OutputLayout) -> int:
             uploaded += len(names)
             for relative in names:
                 record[relative] = list(local[relative])
+            _write_record(layout, record)
     stale = sorted(set(remote) - set(local))
     for relative in stale:
         storage.remove(_remote(layout, relative))
@@ -168,33 +202,71 @@ def push(layout: OutputLayout) -> int:
 
 
 def pull_remote(layout: OutputLayout, only: tuple[str, ...] = SYNCED) -> int:
-    """Bring the working copy up to date with the remote output (the top-level names in
-    ``only``). Returns how many files were downloaded."""
+    """Bring the working copy up to date with the remote output (the paths or patterns in
+    ``only``), keeping this machine's unpushed work. Returns how many files were downloaded."""
     if layout.remote is None:
         return 0
+    try:
+        return _pull(layout, only)
+    except OSError as e:
+        raise PipelineError(f"reading {layout.name} failed: {e}") from e
+
+
+def _pull(layout: OutputLayout, only: tuple[str, ...]) -> int:
     remote = _remote_files(layout, only)
     local = _local_files(layout, only)
     record = _read_record(layout)
-    wanted = [r for r, size in remote.items() if r not in local or local[r][0] != size]
-    # Pointers and markers can change content at the same size (LATEST: epoch_001 -> _002).
-    for relative in sorted(set(remote) - set(wanted)):
-        if relative.rsplit("/", 1)[-1] in _SMALL_MUTABLE:
-            text = storage.read_bytes(_remote(layout, relative))
-            if text != (layout.root / relative).read_bytes():
+
+    def unpushed(relative: str) -> bool:
+        """Changed or deleted here since the last sync (or never synced, but present)."""
+        base = record.get(relative)
+        here = local.get(relative)
+        return (
+            here is not None
+            and (base is None or list(here) != base)
+            or (here is None and base is not None)
+        )
+
+    wanted = []
+    for relative, size in sorted(remote.items()):
+        if unpushed(relative):
+            continue
+        if relative not in local or local[relative][0] != size:
+            wanted.append(relative)
+        elif relative.rsplit("/", 1)[-1] in _SMALL_MUTABLE:
+            # Pointers and markers can change content at the same size (LATEST: 001 -> 002).
+            if (
+                storage.read_bytes(_remote(layout, relative))
+                != (layout.root / relative).read_bytes()
+            ):
                 wanted.append(relative)
     with ThreadPoolExecutor(_THREADS) as pool:
         list(pool.map(lambda r: storage.download(_remote(layout, r), layout.root / r), wanted))
-    # Synced earlier, gone from the remote since: another run replaced or discarded it.
-    gone = [r for r in record if _synced(r, only) and r not in remote and r in local]
+    # Synced earlier, unchanged here, gone from the remote since: replaced or discarded there.
+    gone = [r for r in local if r not in remote and not unpushed(r)]
     for relative in gone:
         (layout.root / relative).unlink(missing_ok=True)
+        record.pop(relative, None)
+    # A remote deletion of a file deleted here too: nothing left to carry out.
+    for relative in [r for r in record if _synced(r, only) and r not in remote and r not in local]:
         record.pop(relative)
-    local = _local_files(layout, only)
-    record.update({r: list(local[r]) for r in remote if r in local})
+    fresh = _local_files(layout, only)
+    record.update({r: list(fresh[r]) for r in wanted if r in fresh})
     _write_record(layout, record)
     if wanted or gone:
         logger.info("pulled %d file(s) from %s into %s", len(wanted), layout.name, layout.root)
     return len(wanted)
+
+
+def read_latest(layout: OutputLayout) -> str | None:
+    """The remote's LATEST as it is now (read directly: polling never touches the copy)."""
+    if layout.remote is None:
+        path = layout.root / "LATEST"
+        return path.read_text().strip() if path.is_file() else None
+    try:
+        return storage.read_bytes(_remote(layout, "LATEST")).decode().strip()
+    except FileNotFoundError:
+        return None
 
 
 def _remote(layout: OutputLayout, relative: str) -> str:

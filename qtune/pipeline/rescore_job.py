@@ -20,7 +20,7 @@ from qtune.pipeline.errors import PipelineError
 from qtune.pipeline.layout import OutputLayout, epoch_name, partition_of_part
 from qtune.pipeline.lock import OutputLock
 from qtune.pipeline.publish import model_fingerprint, published_epochs, read_manifest
-from qtune.pipeline.remote_sync import output_layout
+from qtune.pipeline.remote_sync import check_writable, output_layout, pull_remote
 from qtune.pipeline.score_job import ScoreSummary, build_rescore_dataset, execute_scoring
 from qtune.pipeline.scoring_state import ScoringPlan, fingerprint_key
 from qtune.pipeline.triage_job import TriageSummary, run_triage
@@ -107,8 +107,10 @@ def run_rescore(
     Resumes an interrupted re-score of the same epoch and checkpoint; ``restart`` discards one
     made with another checkpoint or settings.
     """
-    layout = output_layout(cfg.output.dir, cfg.output.work_dir)
+    layout = output_layout(cfg.output.dir, cfg.output.work_dir, pull=False)
     with OutputLock(layout.lock_file, "qtune rescore"):
+        pull_remote(layout)
+        check_writable(layout)
         return _rescore(cfg, layout, checkpoint, epoch, restart)
 
 

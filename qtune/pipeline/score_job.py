@@ -32,7 +32,7 @@ from qtune.pipeline.layout import SCORE_SUMMARY, OutputLayout
 from qtune.pipeline.lock import OutputLock
 from qtune.pipeline.progress import StageTimings, StepProgress
 from qtune.pipeline.publish import input_fingerprint, model_fingerprint
-from qtune.pipeline.remote_sync import output_layout, push
+from qtune.pipeline.remote_sync import check_writable, output_layout, pull_remote, push
 from qtune.pipeline.scoring_state import (
     RawTextReader,
     ScoringPlan,
@@ -115,7 +115,7 @@ def scoring_options(cfg: QTuneConfig, model_path: str | Path | None = None) -> S
         cpu_kvcache_gib=s.cpu_kvcache_gib,
         enforce_eager=s.enforce_eager,
         tokens_per_forward=s.tokens_per_forward,
-        num_threads=s.cpus_per_worker,
+        num_threads=s.cpu_threads or s.cpus_per_worker,
         tensor_parallel_size=s.tensor_parallel_size,
     )
 
@@ -206,9 +206,10 @@ def plan_input(
             if cfg.input.strict:
                 raise
             logger.error("skipping unreadable input %s (input.strict is off)", e)
-            unreadable.append({"path": source.path, "error": str(e)})
+            unreadable.append({"path": storage.without_query(source.path), "error": str(e)})
             continue
-        source_rows[source.path] = sum(p.row_count for p in planned)
+        # Keyed as the rows' source column is: a URI without its endpoint options.
+        source_rows[storage.without_query(source.path)] = sum(p.row_count for p in planned)
         partitions += [p.to_dict() for p in planned]
     model_path = str(Path(cfg.model.path).absolute())
     input_key = input_fingerprint([s.path for s, _ in sources])
@@ -422,8 +423,10 @@ def run_score(
     Resumes an interrupted run of the same command; re-uses a complete cache for the same
     input, model and settings. ``limit``: only the first N input rows (a partial trial run).
     """
-    layout = output_layout(cfg.output.dir, cfg.output.work_dir)
+    layout = output_layout(cfg.output.dir, cfg.output.work_dir, pull=False)
     with OutputLock(layout.lock_file, "qtune score"):
+        pull_remote(layout)
+        check_writable(layout)
         if restart:
             discard_outputs(layout)
         timings = StageTimings()

@@ -29,7 +29,7 @@ from qtune.pipeline.layout import DROPPED_INDEX, VERSION_TRAIN, OutputLayout, ep
 from qtune.pipeline.lock import OutputLock
 from qtune.pipeline.progress import StageTimings, StepProgress
 from qtune.pipeline.publish import MANIFEST, publish_version, sha256_text
-from qtune.pipeline.remote_sync import output_layout, push
+from qtune.pipeline.remote_sync import check_writable, output_layout, pull_remote, push
 from qtune.schema import DropReason
 from qtune.stages.shards import ShardWriter, build_shard_rows, file_sha256, stamp_files
 from qtune.stages.token_prune import prune_loss_mask
@@ -316,9 +316,13 @@ def run_triage(
 ) -> TriageSummary:
     """Triage the scored cache of ``epoch`` (default: the newest) and publish ``data/epoch_NNN``
     into ``out_dir`` (default: ``output.dir``)."""
-    source = output_layout(cfg.output.dir, cfg.output.work_dir)
-    target = output_layout(out_dir) if out_dir else source
+    source = output_layout(cfg.output.dir, cfg.output.work_dir, pull=False)
+    target = output_layout(out_dir, pull=False) if out_dir else source
     with OutputLock(target.lock_file, "qtune triage"):
+        pull_remote(source)
+        if target is not source:
+            pull_remote(target)
+        check_writable(target)
         target.remove_stale_staging("triage-")
         return _triage(cfg, epoch, source, target)
 

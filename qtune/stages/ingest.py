@@ -133,7 +133,7 @@ def discover_sources(paths: str | list[str]) -> list[Source]:
 
 def _discover_remote(spec: str) -> dict[str, Source]:
     try:
-        matches = storage.glob(spec) if glob.has_magic(spec) else [spec]
+        matches = storage.glob(spec) if storage.has_magic(spec) else [spec]
         if not matches:
             raise InputError(f"input.path {storage.without_query(spec)!r} matches no file")
         found: dict[str, Source] = {}
@@ -160,7 +160,7 @@ def _discover_remote(spec: str) -> dict[str, Source]:
                         f"{shown}: unsupported file type (expected .jsonl, .json or .parquet)"
                     )
                 found[match] = Source(match, kind)
-            elif not glob.has_magic(spec):
+            elif not storage.has_magic(spec):
                 raise InputError(f"input.path {shown!r} does not exist")
         return found
     except OSError as e:
@@ -238,6 +238,7 @@ def _jsonl_partitions(
 
 _ARRAY_SEPARATOR = re.compile(r"\s*([,\]])\s*")
 _DECODER = json.JSONDecoder()
+_JSON_SPACE = " \t\r\n"
 
 
 def _decode_text(data: bytes, path: str) -> str:
@@ -247,27 +248,44 @@ def _decode_text(data: bytes, path: str) -> str:
         raise InputError(f"{path}: not valid UTF-8 ({e})") from e
 
 
-def _array_elements(text: str, pos: int, path: str) -> Iterator[tuple[int, int, Any]]:
-    """(start, end, value) of each element of a JSON array from ``pos`` (an element's start, or the
-    first character after ``[``), until ``]``. Decoded one element at a time (C speed)."""
+def _array_elements(text: str, pos: int, path: str, whole: bool) -> Iterator[tuple[int, int, Any]]:
+    """(start, end, value) of each element of a JSON array from ``pos`` (an element's start, or
+    the first character after ``[``). Decoded one element at a time (C speed).
+
+    ``whole``: ``text`` is the whole file, which must close the array and hold nothing after it
+    (the planner's check); otherwise it is one partition's byte range, ending after an element.
+    """
     while True:
-        while pos < len(text) and text[pos] in " \t\r\n":
+        while pos < len(text) and text[pos] in _JSON_SPACE:
             pos += 1
-        if pos >= len(text) or text[pos] == "]":
+        if pos >= len(text):
+            if whole:
+                raise InputError(f"{path}: invalid JSON array (the file ends before its ']')")
             return
+        if text[pos] == "]":
+            break
         try:
             value, end = _DECODER.raw_decode(text, pos)
         except json.JSONDecodeError as e:
             raise InputError(f"{path}: invalid JSON array ({e})") from e
         yield pos, end, value
-        if end >= len(text):
+        if end >= len(text) and not whole:
             return  # a partition's byte range ends with its last element
         separator = _ARRAY_SEPARATOR.match(text, end)
         if separator is None:
             raise InputError(f"{path}: invalid JSON array (expected ',' or ']' at {end})")
         if separator.group(1) == "]":
-            return
+            pos = separator.start(1)
+            break
         pos = separator.end()
+    if whole and text[pos + 1 :].strip(_JSON_SPACE):
+        raise InputError(f"{path}: invalid JSON array (data after its closing ']')")
+
+
+def _array_start(text: str) -> int | None:
+    """Where a JSON array's ``[`` is (after a BOM and whitespace), or None: not an array."""
+    start = len(text) - len(text.lstrip("\ufeff" + _JSON_SPACE))
+    return start if text.startswith("[", start) else None
 
 
 def _json_array_partitions(
@@ -281,13 +299,13 @@ def _json_array_partitions(
     """
     with storage.open_input(path) as f:
         text = _decode_text(f.read(), path)
-    start = len(text) - len(text.lstrip())
-    if not text.startswith("[", start):
+    start = _array_start(text)
+    if start is None:
         return None
     bounds: list[int] = []  # character offsets: partition starts, then the end
     rows = 0
     end = start + 1
-    for position, element_end, _ in _array_elements(text, start + 1, path):
+    for position, element_end, _ in _array_elements(text, start + 1, path, whole=True):
         if max_rows is not None and rows >= max_rows:
             break
         if rows % rows_per_partition == 0:
@@ -373,7 +391,8 @@ def _plan_source(
             return [make(i, a, n, byte_offset=o) for i, (a, n, o) in enumerate(spans)]
         if source.kind == "parquet":
             try:
-                metadata = storage.parquet_file(source.path).metadata
+                with storage.parquet_file(source.path) as parquet:
+                    metadata = parquet.metadata
             except (pa.ArrowInvalid, OSError) as e:
                 raise InputError(f"{source.path}: unreadable Parquet file ({e})") from e
             # Row ranges, not whole row groups: a file written as one huge row group still
@@ -449,12 +468,14 @@ def _iter_json_array(partition: Partition, batch_rows: int) -> Iterator[list[Raw
             f.read(partition.byte_end - partition.byte_offset) if partition.byte_end else f.read()
         )
     text = _decode_text(data, partition.source)
-    pos = len(text) - len(text.lstrip())
-    if partition.byte_offset == 0 and text.startswith("[", pos):
-        pos += 1
+    if partition.byte_end:
+        pos = 0  # a planned range starts at its first element
+    else:
+        start = _array_start(text)
+        pos = 0 if start is None else start + 1
     batch: list[RawRow] = []
     index = partition.row_start
-    for _, _, value in _array_elements(text, pos, partition.source):
+    for _, _, value in _array_elements(text, pos, partition.source, whole=False):
         if index >= partition.row_start + partition.row_count:
             break
         batch.append((index, value, None, None))
@@ -466,10 +487,12 @@ def _iter_json_array(partition: Partition, batch_rows: int) -> Iterator[list[Raw
         yield batch
 
 
-def _is_json_array(path: str) -> bool:
-    with storage.open_input(path) as f:
+def _is_json_array(partition: Partition) -> bool:
+    if partition.byte_end:
+        return True  # planned as an array
+    with storage.open_input(partition.source) as f:
         head = f.read(4096)
-    return head.lstrip().startswith(b"[")
+    return _array_start(head.decode("utf-8", errors="ignore")) is not None
 
 
 def _iter_rows(rows: list[Any], first_index: int, batch_rows: int) -> Iterator[list[RawRow]]:
@@ -479,16 +502,18 @@ def _iter_rows(rows: list[Any], first_index: int, batch_rows: int) -> Iterator[l
 
 
 def _iter_parquet(partition: Partition, batch_rows: int) -> Iterator[list[RawRow]]:
-    parquet = storage.parquet_file(partition.source)
-    groups = list(partition.row_groups) or None
-    # Row index of the first row read: the start of the partition's first row group.
-    index = sum(parquet.metadata.row_group(g).num_rows for g in range(groups[0])) if groups else 0
-    for record_batch in parquet.iter_batches(batch_size=batch_rows, row_groups=groups):
-        skip = min(max(0, partition.row_start - index), record_batch.num_rows)
-        if skip < record_batch.num_rows:
-            rows = record_batch.slice(skip).to_pylist()
-            yield from _iter_rows(rows, index + skip, batch_rows)
-        index += record_batch.num_rows
+    with storage.parquet_file(partition.source) as parquet:
+        groups = list(partition.row_groups) or None
+        # Row index of the first row read: the start of the partition's first row group.
+        index = (
+            sum(parquet.metadata.row_group(g).num_rows for g in range(groups[0])) if groups else 0
+        )
+        for record_batch in parquet.iter_batches(batch_size=batch_rows, row_groups=groups):
+            skip = min(max(0, partition.row_start - index), record_batch.num_rows)
+            if skip < record_batch.num_rows:
+                rows = record_batch.slice(skip).to_pylist()
+                yield from _iter_rows(rows, index + skip, batch_rows)
+            index += record_batch.num_rows
 
 
 def _iter_hf_dataset(partition: Partition, batch_rows: int, split: str) -> Iterator[list[RawRow]]:
@@ -502,7 +527,7 @@ def _iter_hf_dataset(partition: Partition, batch_rows: int, split: str) -> Itera
 def iter_raw_rows(
     partition: Partition, batch_rows: int, split: str = "train"
 ) -> Iterator[list[RawRow]]:
-    if partition.kind == "json" and _is_json_array(partition.source):
+    if partition.kind == "json" and _is_json_array(partition):
         return _iter_json_array(partition, batch_rows)
     if partition.kind in ("jsonl", "json"):
         return _iter_jsonl(partition, batch_rows)
@@ -703,6 +728,7 @@ def normalize_batch(partition: Partition, rows: list[RawRow]) -> pa.Table:
     undetectable, so every row is rejected as ``unknown_format``.
     """
     columns: dict[str, list] = {name: [] for name in schema.NORMALIZED_SCHEMA.names}
+    source = storage.without_query(partition.source)  # never a URI's endpoint options
     for index, value, raw, error in rows:
         messages = None
         row_fmt = partition.format
@@ -734,7 +760,7 @@ def normalize_batch(partition: Partition, rows: list[RawRow]) -> pa.Table:
                 _raw_text(value, raw).encode("utf-8", "replace"), digest_size=12
             ).hexdigest()
         columns[schema.SAMPLE_ID].append(sample_id)
-        columns[schema.SOURCE].append(partition.source)
+        columns[schema.SOURCE].append(source)
         columns[schema.ROW_INDEX].append(index)
         columns[schema.PARTITION].append(partition.index)
         columns[schema.FORMAT].append(row_fmt)
@@ -750,13 +776,14 @@ def unreadable_rows(partition: Partition, first_index: int, error: str) -> pa.Ta
     """Reject rows for the part of a partition that could not be read (the file broke mid-way)."""
     indices = list(range(first_index, partition.row_start + partition.row_count))
     n = len(indices)
+    source = storage.without_query(partition.source)
     return pa.Table.from_pydict(
         {
             schema.SAMPLE_ID: [
-                hashlib.blake2b(f"{partition.source}:{i}".encode(), digest_size=12).hexdigest()
+                hashlib.blake2b(f"{source}:{i}".encode(), digest_size=12).hexdigest()
                 for i in indices
             ],
-            schema.SOURCE: [partition.source] * n,
+            schema.SOURCE: [source] * n,
             schema.ROW_INDEX: indices,
             schema.PARTITION: [partition.index] * n,
             schema.FORMAT: [partition.format] * n,
@@ -787,7 +814,9 @@ def read_partition(
                 yield normalize_batch(partition, rows)
                 next_index = rows[-1][0] + 1
     except (OSError, pa.ArrowException, InputError, ValueError) as e:
-        logger.warning("%s: read failed at row %d (%s)", partition.source, next_index, e)
+        logger.warning(
+            "%s: read failed at row %d (%s)", storage.without_query(partition.source), next_index, e
+        )
         error = f"{type(e).__name__}: {e}"
     else:
         if next_index == end:

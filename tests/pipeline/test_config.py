@@ -65,3 +65,15 @@ def test_missing_required_and_missing_file(tmp_path):
     path.write_text("- a list\n")
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_config(path)
+
+
+def test_cpu_threads_default_to_the_reserved_cores():
+    from qtune.pipeline.score_job import scoring_options
+
+    def threads(*extra: str) -> int | None:
+        cfg = load_config(None, ["input.path=x", "model.path=y", "output.dir=z", *extra])
+        return scoring_options(cfg).num_threads
+
+    assert threads() == 1
+    assert threads("scoring.cpus_per_worker=2") == 2
+    assert threads("scoring.cpus_per_worker=2", "scoring.cpu_threads=3") == 3

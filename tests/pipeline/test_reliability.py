@@ -168,11 +168,13 @@ def test_output_dir_of_another_corpus_or_model_is_refused_until_restart(
     )
 
 
-def _qtune(*args: str, fault: str | None = None, **popen) -> subprocess.Popen:
+def _qtune(*args: str, fault: str | None = None, freeze: bool = False, **popen) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("QTUNE_FAULT", None)
     if fault:
         env["QTUNE_FAULT"] = fault
+    if freeze:
+        env["QTUNE_FAULT_SIGNAL"] = "STOP"
     return subprocess.Popen(
         [sys.executable, "-m", "qtune.pipeline.cli", *args],
         env=env,
@@ -220,7 +222,9 @@ def test_resume_after_sigkill_publishes_what_a_clean_run_does(mixed, llama_dir, 
 def test_kill_minus_nine_from_outside_then_resume(mixed, llama_dir, tmp_path):
     out = tmp_path / "out"
     config = write_config(tmp_path / "c.yaml", mixed["corpus"], llama_dir, out)
-    process = _qtune("run", str(config))
+    # The driver freezes after its first partition (before it could finish the rest): the kill
+    # then always lands mid-scoring, however fast the scoring is.
+    process = _qtune("run", str(config), fault="score.partition_done:1", freeze=True)
     done = OutputLayout(out).scoring_state(0).done
     deadline = time.monotonic() + 240
     while not (done.is_dir() and any(done.iterdir())):

@@ -7,6 +7,7 @@ card, LATEST, then stale files); another machine's working copy pulls it back.
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from typer.testing import CliRunner
 from qtune import schema, storage
 from qtune.pipeline import remote_sync
 from qtune.pipeline.cli import app
+from qtune.pipeline.errors import PipelineError
 from qtune.pipeline.remote_sync import output_layout, pull_remote, push
 from tests.pipeline.mixed_corpus import download_all, write_config
 
@@ -88,6 +90,43 @@ def test_push_orders_commits_and_pull_follows_replacements(s3_bucket, tmp_path, 
     assert not (second.root / "data/epoch_000/train/part-00000-aaaa.parquet").exists()
     assert (second.root / "data/epoch_000/train/part-00000-bbbb.parquet").exists()
 
+    # This machine's unpushed work survives a pull: a changed LATEST, a deleted file.
+    _write(second.root, "LATEST", b"epoch_009\n")
+    (second.root / "data/epoch_001/manifest.json").unlink()
+    pull_remote(second)
+    assert (second.root / "LATEST").read_text() == "epoch_009\n"
+    assert not (second.root / "data/epoch_001/manifest.json").exists()
+
+    # A push that fails half-way is finished by the next one; the pull between them does not
+    # bring back the file it had yet to delete.
+    (first.root / "data/epoch_000/train/part-00000-bbbb.parquet").unlink()
+    _write(first.root, "data/epoch_000/train/part-00000-cccc.parquet", b"shard-c")
+
+    def failing_remove(location: str) -> None:
+        raise OSError("connection reset")
+
+    monkeypatch.setattr(storage, "remove", failing_remove)
+    with pytest.raises(PipelineError, match="re-running the same command pushes it"):
+        push(first)
+    monkeypatch.undo()
+    pull_remote(first)
+    assert not (first.root / "data/epoch_000/train/part-00000-bbbb.parquet").exists()
+    push(first)
+    train = {r for r in storage.list_files(uri) if r.startswith("data/epoch_000/train/")}
+    assert train == {"data/epoch_000/train/part-00000-cccc.parquet"}
+
+
+def test_remote_outputs_fail_clearly(s3_bucket, llama_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("QTUNE_CACHE_DIR", str(tmp_path / "cache"))
+    result = CliRunner().invoke(app, ["verify", "nosuchproto://bucket/run"])
+    assert result.exit_code == 1 and "no filesystem for this URI" in result.output
+    assert "Traceback" not in result.output
+    config = write_config(tmp_path / "c.yaml", tmp_path, llama_dir, tmp_path / "out")
+    result = CliRunner().invoke(
+        app, ["run", str(config), "--set", "output.dir=s3://no-such-bucket-qtune/run"]
+    )
+    assert result.exit_code == 1 and "cannot be written" in result.output, result.output
+
 
 def _shards_without_location(root: Path, corpus_prefix: str, local_corpus: Path) -> pa.Table:
     """The version's shards and dropped index, with the input location made comparable."""
@@ -114,7 +153,9 @@ def test_a_run_reads_and_publishes_on_s3(mixed, llama_dir, s3_bucket, tmp_path, 
     from qtune.pipeline.consume import load_version
 
     prefix = _prefix(s3_bucket)
-    corpus = storage.join(prefix, "corpus")
+    # The input's endpoint rides in its query (the output's comes from the environment).
+    endpoint = os.environ["AWS_ENDPOINT_URL"].removeprefix("http://")
+    corpus = storage.join(prefix, "corpus") + f"?endpoint_override={endpoint}&scheme=http"
     for path in sorted(p for p in mixed["corpus"].rglob("*") if p.is_file()):
         storage.upload(path, storage.join(corpus, *path.relative_to(mixed["corpus"]).parts))
     out = storage.join(prefix, "out")
@@ -127,8 +168,10 @@ def test_a_run_reads_and_publishes_on_s3(mixed, llama_dir, s3_bucket, tmp_path, 
 
     # Everything a trainer needs is on S3; the same data as the local run, row for row.
     remote = download_all(out, tmp_path / "downloaded")
-    ours = _shards_without_location(remote, corpus, mixed["corpus"])
-    reference = _shards_without_location(mixed["out"], corpus, mixed["corpus"])
+    sources = pq.read_table(remote / "data/epoch_000/dropped.parquet").column(schema.SOURCE)
+    assert not [s for s in sources.to_pylist() if "endpoint_override" in s]  # shown bare
+    ours = _shards_without_location(remote, storage.join(prefix, "corpus"), mixed["corpus"])
+    reference = _shards_without_location(mixed["out"], str(mixed["corpus"]), mixed["corpus"])
     assert len(ours) == len(reference)
     for mine, theirs in zip(ours, reference, strict=True):
         assert mine.equals(theirs)

@@ -161,3 +161,134 @@ def test_stage_batch_flags_rejects_and_keeps_alignment(model_with_template):
 
 def test_tokenizer_is_cached_per_process(model_with_template):
     assert load_tokenizer(model_with_template) is load_tokenizer(model_with_template)
+
+
+# A text that exercises the normaliser, pre-tokeniser, special tokens and post-processor.
+PROBE_TEXT = "<s>Hello,  world! 12345 <|im_start|>user\nHi there<|im_end|>\n\ttabs and ünïcode</s>"
+
+
+def _tokenizer_state(tok) -> dict:
+    """Everything of a tokenizer that tokenisation, templates and reports depend on."""
+    state = {
+        "class": type(tok),
+        "backend": tok.backend_tokenizer.to_str(),
+        "vocab": tok.get_vocab(),
+        "special_tokens": tok.special_tokens_map,
+        "all_special": (tok.all_special_tokens, tok.all_special_ids),
+        "added": {i: str(t) for i, t in tok.added_tokens_decoder.items()},
+        "ids": (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id),
+        "chat_template": tok.chat_template,
+        "settings": (
+            tok.model_max_length,
+            tok.padding_side,
+            tok.truncation_side,
+            tok.clean_up_tokenization_spaces,
+        ),
+        "init_kwargs": repr(sorted(tok.init_kwargs.items())),
+        "encoded": [
+            dict(tok(PROBE_TEXT, add_special_tokens=add, return_offsets_mapping=True))
+            for add in (True, False)
+        ],
+        "decoded": tok.decode(tok(PROBE_TEXT)["input_ids"]),
+    }
+    if tok.chat_template:
+        state["chat"] = tok.apply_chat_template(CHAT, tokenize=False)
+        state["chat_ids"] = tok.apply_chat_template(CHAT, tokenize=True, return_dict=True)
+    return state
+
+
+def _rewrite_json(path, **changes) -> None:
+    import json
+
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+@pytest.fixture(scope="module")
+def tokenizer_variants(tmp_path_factory, tokenizer, model_dirs) -> dict[str, str]:
+    """Model dirs whose tokenizer files differ the ways real checkpoints do."""
+    import shutil
+
+    from qtune.demo.model import build_bpe_tokenizer, save_tiny_model
+
+    root = tmp_path_factory.mktemp("tokenizers")
+    variants = {arch: str(path) for arch, path in model_dirs.items()}
+    base_tok = build_bpe_tokenizer(["hello world", "what is 2 + 2"] * 50, 300, chat_template=None)
+    variants["no_template"] = str(save_tiny_model(root / "no_template", "llama", base_tok))
+    # Older files: the class is called PreTrainedTokenizerFast and the template sits in
+    # tokenizer_config.json instead of chat_template.jinja.
+    old = root / "old_files"
+    shutil.copytree(model_dirs["llama"], old)
+    template = (old / "chat_template.jinja").read_text()
+    (old / "chat_template.jinja").unlink()
+    _rewrite_json(
+        old / "tokenizer_config.json",
+        tokenizer_class="PreTrainedTokenizerFast",
+        chat_template=template,
+    )
+    variants["old_files"] = str(old)
+    # A model-specific class AutoTokenizer must pick.
+    specific = root / "specific_class"
+    shutil.copytree(model_dirs["llama"], specific)
+    _rewrite_json(specific / "tokenizer_config.json", tokenizer_class="Qwen2Tokenizer")
+    variants["specific_class"] = str(specific)
+    return variants
+
+
+@pytest.mark.parametrize(
+    ("variant", "direct"),
+    [
+        ("llama", True),
+        ("qwen3", True),
+        ("no_template", True),
+        ("old_files", True),
+        ("qwen2", False),  # AutoTokenizer rebuilds it as Qwen2Tokenizer
+        ("mistral", False),  # AutoTokenizer may pick MistralCommonBackend
+        ("specific_class", False),
+    ],
+)
+def test_load_tokenizer_equals_auto_tokenizer(tokenizer_variants, variant, direct):
+    from transformers import AutoTokenizer
+
+    from qtune.stages.tokenize import _loads_as_generic_fast_tokenizer
+
+    path = tokenizer_variants[variant]
+    assert _loads_as_generic_fast_tokenizer(path) is direct
+    load_tokenizer.cache_clear()
+    try:
+        loaded = load_tokenizer(path)
+    finally:
+        load_tokenizer.cache_clear()
+    assert _tokenizer_state(loaded) == _tokenizer_state(AutoTokenizer.from_pretrained(path))
+
+
+def test_direct_tokenizer_model_types_are_generic_in_transformers():
+    """Guards _GENERIC_TOKENIZER_MODEL_TYPES against a transformers upgrade that would make
+    AutoTokenizer pick another class for them."""
+    from transformers.models.auto import tokenization_auto
+
+    from qtune.stages.tokenize import _GENERIC_TOKENIZER_MODEL_TYPES
+
+    rebuilt = getattr(tokenization_auto, "MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS", set())
+    for model_type in _GENERIC_TOKENIZER_MODEL_TYPES:
+        assert model_type not in rebuilt
+        registered = tokenization_auto.TOKENIZER_MAPPING_NAMES.get(model_type)
+        assert registered != "MistralCommonBackend"
+
+
+def test_direct_tokenizer_load_skips_the_auto_classes(llama_dir):
+    """The point of the direct load: no AutoTokenizer machinery (it imports torch)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from qtune.stages.tokenize import load_tokenizer\n"
+        f"load_tokenizer({str(llama_dir)!r})\n"
+        "print('transformers.models.auto.tokenization_auto' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "False"

@@ -7,6 +7,7 @@ Backends share one interface (``ScoringBackend``) and are looked up by name in `
 from __future__ import annotations
 
 import importlib
+import os
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -35,6 +36,8 @@ class ScoringOptions:
     cpu_kvcache_gib: int = 1
     enforce_eager: bool = True
     tokens_per_forward: int = 16384
+    # CPU threads of the forward; None: every core this process may run on. The backends set
+    # it explicitly: Ray sets an actor's OMP_NUM_THREADS to the CPUs it reserves (1 by default).
     num_threads: int | None = None
     tensor_parallel_size: int = 1
 
@@ -46,6 +49,28 @@ class ScoringBackend(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def cpu_threads(num_threads: int | None) -> int:
+    """Threads for a CPU forward: ``num_threads``, or every core this process may run on."""
+    if num_threads:
+        return num_threads
+    # The affinity mask, not os.cpu_count(): a container or taskset may allow fewer cores.
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def use_cpu_threads(num_threads: int | None) -> int:
+    """Run torch's CPU kernels on ``cpu_threads(num_threads)`` threads; returns that count."""
+    import torch
+
+    threads = cpu_threads(num_threads)
+    # Only on a change: once a vLLM engine has started in this process, torch.set_num_threads is
+    # vLLM's stub that logs a warning instead.
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return threads
 
 
 def create_backend(name: str, options: ScoringOptions) -> ScoringBackend:

@@ -3,7 +3,8 @@
 Input columns: ``input_ids``, ``loss_mask``, ``reject_reason`` (TOKENIZED_SCHEMA).
 Output columns (added): ``token_logprob``, ``token_entropy`` (list<float32>, aligned with
 ``input_ids``), ``nll``, ``ppl``, ``entropy`` (float64; DESIGN section 2). Rejected rows pass
-through with null scores. The backend (engine or model) loads on the first call, once per actor.
+through with null scores. The backend (engine or model) starts when the stage is built, once per
+actor (see ``Score``).
 """
 
 from __future__ import annotations
@@ -13,9 +14,8 @@ from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from qtune import schema
+from qtune import schema, storage
 from qtune.faults import fault_point
 from qtune.stages.eu_plane import sample_error_uncertainty
 from qtune.stages.score import (
@@ -33,6 +33,13 @@ class Score:
     agree go to the backend together, whatever batches Ray hands over. The engine's arithmetic
     depends on which sequences share a forward pass, so fixed windows make scores bit-identical
     across runs, resumes and worker counts (as long as Ray keeps a window in one batch).
+
+    Unlike other stages, building a Score starts its backend: Ray Data builds it once per actor
+    when the actor starts, so the engine's imports and start-up overlap the upstream reading and
+    tokenisation instead of following them (1.12-1.21x end to end on the demo,
+    benchmarks/pipeline_overhead.py). Only scoring actors build one. A backend that cannot start
+    does not fail the constructor: its ScoringSetupError is raised by the first batch, where it
+    reaches the driver as itself (an actor's constructor error arrives as ActorDiedError text).
     """
 
     def __init__(self, backend: str, options: ScoringOptions, window_rows: int = 256):
@@ -40,19 +47,31 @@ class Score:
         self.options = options
         self.window_rows = window_rows
         self._backend: ScoringBackend | None = None
+        self._setup_error: ScoringSetupError | None = None
+        try:
+            self._backend = self._start()
+        except ScoringSetupError as e:
+            self._setup_error = e
+
+    def _start(self) -> ScoringBackend:
+        try:
+            return create_backend(self.backend_name, self.options)
+        except ScoringSetupError:
+            raise
+        except Exception as e:  # a broken checkpoint, out of memory: keep the reason
+            raise ScoringSetupError(
+                f"the {self.backend_name} scoring backend could not start for "
+                f"{self.options.model_path}: {type(e).__name__}: {e}"
+            ) from e
 
     @property
     def backend(self) -> ScoringBackend:
-        if self._backend is None:
-            try:
-                self._backend = create_backend(self.backend_name, self.options)
-            except ScoringSetupError:
-                raise
-            except Exception as e:  # a broken checkpoint, out of memory: keep the reason
-                raise ScoringSetupError(
-                    f"the {self.backend_name} scoring backend could not start for "
-                    f"{self.options.model_path}: {type(e).__name__}: {e}"
-                ) from e
+        if self._setup_error is not None:
+            # Raised once; a later batch tries to start the backend again, as on the first.
+            error, self._setup_error = self._setup_error, None
+            raise error
+        if self._backend is None:  # closed, or a failed start being retried
+            self._backend = self._start()
         return self._backend
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -174,5 +193,5 @@ class ReadScoredCache:
 
     def __call__(self, parts: pa.Table) -> Iterator[pa.Table]:
         for item in parts.to_pylist():
-            table = pq.read_table(item["path"], columns=RESCORE_INPUT_COLUMNS)
+            table = storage.read_table(item["path"], columns=RESCORE_INPUT_COLUMNS)
             yield tokenized_from_cache(table, item["index"])

@@ -12,7 +12,7 @@ import logging
 import numpy as np
 import torch
 
-from qtune.stages.score import ScoringOptions, ScoringSetupError
+from qtune.stages.score import ScoringOptions, ScoringSetupError, use_cpu_threads
 from qtune.stages.score.logits import chunk_rows_for, token_logprob_entropy
 
 logger = logging.getLogger(__name__)
@@ -26,8 +26,8 @@ class TorchBackend:
 
         self.options = options
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if options.num_threads and self.device.type == "cpu":
-            torch.set_num_threads(options.num_threads)
+        if self.device.type == "cpu":
+            use_cpu_threads(options.num_threads)
         if options.dtype == "auto":
             # Same rule as the vllm backend: float32 on CPU, the checkpoint's own dtype on GPU.
             dtype = "auto" if self.device.type == "cuda" else torch.float32

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qtune.stages.score import ScoringOptions, ScoringSetupError
+from qtune.stages.score import ScoringOptions, ScoringSetupError, use_cpu_threads
 from qtune.stages.score.vllm_plugin import SUPPORTED_ARCHITECTURES, scorer_architecture
 
 logger = logging.getLogger(__name__)
@@ -65,6 +65,9 @@ class VllmBackend:
             # In-process engine core on CPU: it starts in ~10 s instead of ~25 s, and a failed
             # start raises with the engine's own reason (a separate engine process only logs it).
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            # The in-process engine runs its forward on this process's torch thread pool: size
+            # it before the engine starts (its CPU worker then stubs out torch.set_num_threads).
+            use_cpu_threads(options.num_threads)
         check_vllm_can_serve(options.model_path, on_cpu)
         architecture, _ = model_architecture(options.model_path)
         dtype = options.dtype

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 
 from qtune import schema
-from qtune.stages.score import ScoringOptions, create_backend
+from qtune.stages.score import ScoringOptions, cpu_threads, create_backend
 from qtune.stages.score.stage import Score
 from tests.conftest import reference_scores
 
@@ -81,11 +81,9 @@ def test_unsupported_architecture_suggests_torch(tmp_path):
         check_vllm_can_serve(str(tmp_path), on_cpu=True)
 
 
-def test_score_stage_on_literal_batch(llama_dir, tokenizer):
-    """Three rows, one rejected upstream: scores for the others, nulls for it."""
-    ids = _sequences(len(tokenizer), [6, 4], seed=3)
-    masks = [np.array([0, 0, 0, 1, 1, 1], np.int8), np.array([0, 1, 1, 0], np.int8)]
-    batch = pa.table(
+def _literal_batch(ids: list[np.ndarray], masks: list[np.ndarray]) -> pa.Table:
+    """Three TOKENIZED rows: ``ids[0]``, one rejected upstream, ``ids[1]``."""
+    return pa.table(
         {
             schema.SAMPLE_ID: ["a", "b", "c"],
             schema.SOURCE: ["f"] * 3,
@@ -104,8 +102,14 @@ def test_score_stage_on_literal_batch(llama_dir, tokenizer):
             schema.TRUNCATED: [False, False, False],
         }
     )
+
+
+def test_score_stage_on_literal_batch(llama_dir, tokenizer):
+    """Three rows, one rejected upstream: scores for the others, nulls for it."""
+    ids = _sequences(len(tokenizer), [6, 4], seed=3)
+    masks = [np.array([0, 0, 0, 1, 1, 1], np.int8), np.array([0, 1, 1, 0], np.int8)]
     stage = Score("torch", ScoringOptions(model_path=str(llama_dir), max_length=64))
-    out = stage(batch)
+    out = stage(_literal_batch(ids, masks))
     stage.close()
     assert out.schema == schema.SCORED_SCHEMA
     assert out.column(schema.TOKEN_LOGPROB).null_count == 1
@@ -139,3 +143,66 @@ def test_vllm_engine_that_cannot_start_fails_fast_with_its_reason(llama_dir, tmp
     assert "vLLM engine failed to start" in str(error.value)
     assert "header" in str(error.value).lower() or "safetensor" in str(error.value).lower()
     assert time.monotonic() - started < 60
+
+
+def test_score_stage_starts_its_backend_when_built(monkeypatch):
+    """A scoring actor starts its engine while upstream stages still read and tokenise."""
+    import qtune.stages.score.stage as stage_module
+
+    started = []
+    monkeypatch.setattr(stage_module, "create_backend", lambda name, opts: started.append(name))
+    Score("torch", ScoringOptions(model_path="unused", max_length=64))
+    assert started == ["torch"]
+
+
+def test_score_stage_reports_a_backend_that_cannot_start_at_its_first_batch(
+    llama_dir, tokenizer, tmp_path
+):
+    """Not from the constructor: an actor's constructor error reaches the driver only as text
+    inside ActorDiedError, a batch's error as itself (the CLI prints its message)."""
+    import shutil
+
+    from qtune.stages.score import ScoringSetupError
+
+    broken = tmp_path / "broken"
+    shutil.copytree(llama_dir, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    stage = Score("torch", ScoringOptions(model_path=str(broken), max_length=64))
+    ids = _sequences(len(tokenizer), [6, 4], seed=3)
+    masks = [np.array([0, 0, 0, 1, 1, 1], np.int8), np.array([0, 1, 1, 0], np.int8)]
+    for _ in range(2):  # each batch tries again, as before the backend started in the constructor
+        with pytest.raises(
+            ScoringSetupError, match="the torch scoring backend could not start for"
+        ):
+            stage(_literal_batch(ids, masks))
+    # Rows that were all rejected upstream need no backend and pass through.
+    rejected = _literal_batch(ids, masks).filter(pa.array([False, True, False]))
+    assert stage(rejected).column(schema.PPL).to_pylist() == [None]
+
+
+def test_cpu_threads_default_to_every_allowed_core(monkeypatch):
+    import os
+
+    import torch
+
+    from qtune.stages.score import cpu_threads, use_cpu_threads
+
+    assert cpu_threads(3) == 3
+    assert cpu_threads(None) == len(os.sched_getaffinity(0))
+    calls = []
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    assert use_cpu_threads(2) == 2 and calls == []  # unchanged: no call (vLLM stubs it out)
+    assert use_cpu_threads(1) == 1 and calls == [1]
+
+
+def test_torch_backend_runs_on_the_configured_threads(llama_dir, monkeypatch):
+    import torch
+
+    calls = []
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 99)
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    create_backend("torch", ScoringOptions(str(llama_dir), 64, num_threads=1)).close()
+    create_backend("torch", ScoringOptions(str(llama_dir), 64)).close()
+    assert calls == [1, cpu_threads(None)]
