@@ -91,7 +91,8 @@ class ScoringConfig(_Section):
     cpu_threads: int | None = Field(
         None,
         ge=1,
-        description="CPU only: threads of a scoring actor's forward (default: cpus_per_worker). "
+        description="torch backend on CPU: threads of a scoring actor's forward (default: "
+        "cpus_per_worker; vLLM on CPU always uses the actor's reserved cores). "
         "More threads than reserved cores measured 1.05x end to end on an idle 2-core machine, "
         "but slower where other work shares the cores (tokenisation, other jobs).",
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -136,6 +137,21 @@ def _resolve_sources(cfg: QTuneConfig) -> list[tuple[ingest.Source, str | None]]
     return resolved
 
 
+def _gpu_visible_here() -> bool:
+    """Whether this machine shows a GPU, without importing torch (~1 s of the driver's start).
+
+    Only picks the early checks: once Ray runs, its GPU count decides, and the engine checks
+    again with vLLM's own platform detection.
+    """
+    if os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1"):
+        return False
+    return (
+        Path("/proc/driver/nvidia/version").exists()
+        or any(Path("/dev").glob("nvidia[0-9]*"))
+        or Path("/dev/kfd").exists()  # AMD ROCm
+    )
+
+
 def preflight(cfg: QTuneConfig) -> list[tuple[ingest.Source, str | None]]:
     """Every check that can fail before any work starts."""
     model_path = Path(cfg.model.path)
@@ -146,9 +162,7 @@ def preflight(cfg: QTuneConfig) -> list[tuple[ingest.Source, str | None]]:
         )
     if cfg.scoring.backend == "vllm" and not cfg.ray.address:
         # Embedded Ray runs on this machine: whether it has a GPU is known before Ray starts.
-        import torch
-
-        check_vllm_can_serve(str(model_path.absolute()), on_cpu=not torch.cuda.is_available())
+        check_vllm_can_serve(str(model_path.absolute()), on_cpu=not _gpu_visible_here())
     sources = _resolve_sources(cfg)
     check_tokenizer_serves(
         str(model_path.absolute()),

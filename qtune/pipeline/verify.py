@@ -42,7 +42,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
-from qtune import schema
+from qtune import schema, storage
 from qtune.pipeline.layout import VERSION_TRAIN, OutputLayout, epoch_name
 from qtune.pipeline.publish import MANIFEST, latest_epoch, read_manifest
 from qtune.pipeline.remote_sync import output_layout
@@ -139,7 +139,8 @@ def verify_version(output_dir: str | Path, epoch: int | None = None) -> VerifyRe
     if not isinstance(manifest, dict):
         raise VerifyError(f"{version / MANIFEST}: not a JSON object")
 
-    report = VerifyReport(version_dir=str(version), epoch=epoch)
+    shown = storage.without_query(layout.remote_location(version)) if layout.remote else version
+    report = VerifyReport(version_dir=str(shown), epoch=epoch)
     if manifest.get("epoch", epoch) != epoch:
         report.problems.append(
             f"{MANIFEST}: epoch is {manifest['epoch']!r}, the directory is {epoch_name(epoch)}"

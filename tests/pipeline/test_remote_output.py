@@ -181,6 +181,7 @@ def test_a_run_reads_and_publishes_on_s3(mixed, llama_dir, s3_bucket, tmp_path, 
     monkeypatch.setenv("QTUNE_CACHE_DIR", str(tmp_path / "machine-b"))
     result = CliRunner().invoke(app, ["verify", out])
     assert result.exit_code == 0, result.output
+    assert f"ok {out}/data/epoch_000" in " ".join(result.output.split())
     manifest = json.loads((remote / "data/epoch_000/manifest.json").read_text())
     assert load_version(out).num_rows == manifest["counts"]["kept"]
     result = CliRunner().invoke(

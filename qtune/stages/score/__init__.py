@@ -36,8 +36,9 @@ class ScoringOptions:
     cpu_kvcache_gib: int = 1
     enforce_eager: bool = True
     tokens_per_forward: int = 16384
-    # CPU threads of the forward; None: every core this process may run on. The backends set
-    # it explicitly: Ray sets an actor's OMP_NUM_THREADS to the CPUs it reserves (1 by default).
+    # torch backend: CPU threads of the forward; None: every core this process may run on. Set
+    # explicitly, since Ray sets an actor's OMP_NUM_THREADS to the CPUs it reserves (1 by
+    # default). vLLM on CPU keeps the process's count (see VllmBackend).
     num_threads: int | None = None
     tensor_parallel_size: int = 1
 

