@@ -228,6 +228,10 @@ def plan_input(
     model_path = str(Path(cfg.model.path).absolute())
     input_key = input_fingerprint([s.path for s, _ in sources])
     fingerprint = scoring_fingerprint(cfg, model_path, input_key)
+    if any(p["kind"] == "json" and p.get("byte_end") for p in partitions):
+        # JSON arrays were one partition each before they were split by byte range: a state or
+        # cache planned the old way must not be resumed or re-used under the new numbering.
+        fingerprint["json arrays"] = "byte-range partitions"
     if limit is not None:
         fingerprint["limit"] = str(limit)
     return ScoringPlan(
