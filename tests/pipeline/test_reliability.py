@@ -227,7 +227,8 @@ def test_kill_minus_nine_from_outside_then_resume(mixed, llama_dir, tmp_path):
     process = _qtune("run", str(config), fault="score.partition_done:1", freeze=True)
     done = OutputLayout(out).scoring_state(0).done
     deadline = time.monotonic() + 240
-    while not (done.is_dir() and any(done.iterdir())):
+    # A marker, not its temporary file (write_atomic's ".part-….json.tmp-…" comes first).
+    while not (done.is_dir() and any(done.glob("part-*.json"))):
         assert process.poll() is None, process.communicate()[0]
         assert time.monotonic() < deadline
         time.sleep(0.05)
