@@ -54,14 +54,17 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _digest_size_and_ends(digest: Any, path: Path) -> None:
-    """Size and the first and last MiB: a rewritten file changes its bytes at one end or both."""
-    size = path.stat().st_size
-    digest.update(str(size).encode())
-    with open(path, "rb") as f:
-        digest.update(f.read(1 << 20))
-        f.seek(max(0, size - (1 << 20)))
-        digest.update(f.read(1 << 20))
+def _digest_size_and_ends(digest: Any, location: str | Path) -> None:
+    """Size and the first and last MiB: a rewritten file changes its bytes at one end or both.
+
+    Local or remote (``s3://…``) alike: only the ends are read, never the whole file.
+    """
+    filesystem, path = storage.resolve(location)
+    with filesystem.open_input_file(path) as f:
+        size = f.size()
+        digest.update(str(size).encode())
+        digest.update(f.read_at(min(size, 1 << 20), 0))
+        digest.update(f.read_at(min(size, 1 << 20), max(0, size - (1 << 20))))
 
 
 def model_fingerprint(model_path: str | Path) -> str:
@@ -96,12 +99,8 @@ def input_fingerprint(paths: list[str | Path]) -> str:
             digest.update(str(path).encode())
             _digest_size_and_ends(digest, path)
     for location in sorted(str(p) for p in paths if storage.is_remote(p)):
-        filesystem, path = storage.resolve(location)
-        with filesystem.open_input_file(path) as f:
-            size = f.size()
-            digest.update(storage.without_query(location).encode() + str(size).encode())
-            digest.update(f.read_at(min(size, 1 << 20), 0))
-            digest.update(f.read_at(min(size, 1 << 20), max(0, size - (1 << 20))))
+        digest.update(storage.without_query(location).encode())
+        _digest_size_and_ends(digest, location)
     return digest.hexdigest()
 
 
