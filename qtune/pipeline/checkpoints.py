@@ -10,7 +10,11 @@ Three layouts are accepted, as trainers write them:
   own or inside a PEFT Trainer ``checkpoint-<step>``. It is merged onto its base model without
   ``peft``: W' = W + scaling · B @ A per targeted module, computed in float32 and cast back to the
   base's dtype, written shard by shard with the base's shard names into
-  ``<cache_dir>/<fingerprint>/``.
+  ``<cache_dir>/<fingerprint>/``. Tensors in ``modules_to_save`` (and trained biases) replace the
+  base's; when they train one side of tied word embeddings, the merge unties them as peft's
+  ``merge_and_unload`` does. Anything else — an ``adapter_config.json`` key or init that changes
+  the merge (DoRA, PiSSA, LoRA-GA, ...), or a key this module does not know — is refused by name,
+  pointing to peft's own merge.
 """
 
 from __future__ import annotations
@@ -39,6 +43,9 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 TRAINER_STATE = "trainer_state.json"
 #: Written into a merged directory, outside what ``model_fingerprint`` reads (leading underscore).
 MERGE_INFO = "_qtune_merge.json"
+# Version of what a merge writes, recorded in MERGE_INFO; a cached merge of another format is
+# redone. 2: tied embeddings trained through modules_to_save are untied, as peft does.
+_MERGE_FORMAT = 2
 
 _TRAINER_DIR = re.compile(r"^checkpoint-\d+$")
 _TRAINER_FILES = frozenset(
@@ -68,8 +75,78 @@ _PEFT_PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>[AB])(?:\.[^.]+)?\.weight$")
 # modules_to_save copies, from PEFT versions that kept the wrapper in the key.
 _SAVED_MODULE_KEY = re.compile(r"^(?P<module>.+)\.modules_to_save(?:\.[^.]+)?\.(?P<param>[^.]+)$")
-# init_lora_weights schemes that change the base weights: the adapter only fits the modified base.
-_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
+# adapter_config.json keys, by what the merge does with them. They are peft's LoraConfig fields
+# (as of peft 0.21; a test fails when the installed peft has a field not listed here). A key not
+# listed is refused unless it is off (see _is_off): it may turn on a variant whose merge differs.
+#
+# Any value merges right: bookkeeping; which modules are adapted (the saved tensors say that);
+# training-only settings; the merge parameters implemented below; the settings of an init, read
+# only when init_lora_weights names it (which is checked: peft's conversion of a PiSSA / CorDA /
+# LoRA-GA adapter to plain LoRA sets init_lora_weights to true and keeps them); and
+# ensure_weight_tying (the trained copies it ties are both saved, and _plan_merge keeps a tie
+# only where they are equal).
+_LORA_KEYS_ANY_VALUE = frozenset(
+    {
+        "task_type",
+        "auto_mapping",
+        "peft_version",
+        "base_model_name_or_path",
+        "revision",
+        "inference_mode",
+        "runtime_config",
+        "target_modules",
+        "exclude_modules",
+        "layers_to_transform",
+        "layers_pattern",
+        "lora_dropout",
+        "megatron_core",
+        "qalora_group_size",
+        "r",
+        "lora_alpha",
+        "rank_pattern",
+        "alpha_pattern",
+        "use_rslora",
+        "fan_in_fan_out",
+        "modules_to_save",
+        "eva_config",
+        "corda_config",
+        "lora_ga_config",
+        "loftq_config",
+        "ensure_weight_tying",
+    }
+)
+# Checked by value in _check_lora_config.
+_LORA_KEYS_BY_VALUE = frozenset({"peft_type", "bias", "init_lora_weights"})
+# Merged right only while off: each turns on something the merge W + scaling * B @ A onto the
+# saved base does not implement. Value: what it does, for the error message.
+_LORA_KEYS_OFF_ONLY: dict[str, str] = {
+    "use_dora": "DoRA rescales each merged weight by a trained magnitude",
+    "lora_bias": "the LoRA branch has its own bias",
+    "layer_replication": "layers are duplicated before the adapters apply",
+    "target_parameters": "LoRA on bare parameters (e.g. MoE experts)",
+    "trainable_token_indices": "trained embedding rows are stored apart from the embedding",
+    "alora_invocation_tokens": "activated LoRA applies only after its invocation tokens",
+    "use_qalora": "QA-LoRA pools the input in groups before lora_A",
+    "megatron_config": "Megatron-parallel LoRA layers",
+    "velora_config": "VeLoRA saves projections beside the factors",
+    "monteclora_config": "MonteCLoRA samples perturbations of the factors",
+    "use_bdlora": "BD-LoRA uses block-diagonal factors",
+    "arrow_config": "Arrow routes between several adapters per token",
+    "kasa_config": "KaSA truncates the base's singular values and scales the factors",
+}
+#: Every adapter_config.json key this module knows by name.
+KNOWN_LORA_CONFIG_KEYS = _LORA_KEYS_ANY_VALUE | _LORA_KEYS_BY_VALUE | frozenset(_LORA_KEYS_OFF_ONLY)
+# init_lora_weights strings that leave the base untouched (besides True and False): the adapter
+# then fits the saved base (orthogonal and MiCA start with B @ A = 0 too).
+# PiSSA, OLoRA, CorDA, LoRA-GA subtract their initial B @ A from the base and LoftQ replaces it, so
+# their adapters fit only that modified base; any other (newer) init is refused as unknown.
+_BASE_KEEPING_INITS = ("gaussian", "orthogonal", "eva", "mica")
+_BASE_CHANGING_INIT_PREFIXES = ("pissa", "olora", "corda", "lora_ga")
+_BIAS_VALUES = ("none", "all", "lora_only")  # a trained bias is saved and replaces the base's
+# The embedding tie of nearly every causal LM (transformers' ``_tied_weights_keys``, output ->
+# input), for model classes that do not name theirs.
+_USUAL_TIE = {"lm_head.weight": "model.embed_tokens.weight"}
+_PLAIN_KEY = re.compile(r"^[A-Za-z0-9_.]+$")
 _PROBE_TEXT = (
     "Hello, world! The quick brown fox jumps over 13 lazy dogs.\n"
     "def f(x):\n    return x ** 2  # tabs\tand  spaces\n"
@@ -88,13 +165,20 @@ class Checkpoint:
     ``fingerprint`` identifies the checkpoint as given: ``publish.model_fingerprint`` of the
     directory for ``model`` and ``trainer``; for ``lora`` a sha256 over the adapter's weights and
     config (without ``base_model_name_or_path``, which the base's fingerprint replaces) and the
-    base model's fingerprint. For ``lora``, ``model_dir`` is the merged copy in the cache.
+    base model's fingerprint. For ``lora``, ``model_dir`` is the merged copy in the cache and
+    ``base`` the model it was merged onto (None for the other kinds).
+
+    ``warnings`` are things the caller should record with the scores (manifest and run summary),
+    each a full sentence, already logged at WARNING: today, that a LoRA adapter was merged onto
+    its own ``base_model_name_or_path``, which is not the configured base model.
     """
 
     path: Path
     kind: str
     model_dir: Path
     fingerprint: str
+    base: Path | None = None
+    warnings: tuple[str, ...] = ()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,9 +335,13 @@ def resolve_checkpoint(
     directory, else ``base_model`` — into ``cache_dir/<fingerprint>/``: built in a temporary
     sibling directory, renamed into place in one step, and reused as it is when already there.
     The merged directory gets the base's config, generation config and tokenizer files, and each
-    tensor keeps the base's dtype. Raises :class:`CheckpointError` for a missing path, an
-    incomplete checkpoint, an unknown layout, a LoRA whose base cannot be found, unsupported LoRA
-    features (DoRA, embedding or conv LoRA, ...) and adapter shapes that don't match the base.
+    tensor keeps the base's dtype (its config says ``tie_word_embeddings: false`` where the merge
+    untied them). A cached merge written by an older merge format is redone. When the adapter's
+    own base is not ``base_model``, the merge uses the adapter's base and says so in a warning,
+    logged and returned in ``Checkpoint.warnings``. Raises :class:`CheckpointError` for a missing
+    path, an incomplete checkpoint, an unknown layout, a LoRA whose base cannot be found,
+    unsupported or unknown LoRA settings (DoRA, base-changing inits, embedding or conv LoRA,
+    LoRA on a tied embedding, ...) and adapter shapes that don't match the base.
     """
     path = Path(path).absolute()
     if not path.exists():
@@ -283,14 +371,27 @@ def resolve_checkpoint(
 def _resolve_lora(path: Path, base_model: Path, cache_dir: Path) -> Checkpoint:
     config = json.loads((path / ADAPTER_CONFIG).read_text())
     _check_lora_config(config, path)
-    base = _find_base(config, base_model, path)
+    base, warnings = _find_base(config, base_model, path)
     base_fp = model_fingerprint(base)
     fingerprint = _adapter_fingerprint(path, config, base_fp)
     target = cache_dir.absolute() / fingerprint
+    stale = False
     if target.is_dir() and is_complete(target):
-        logger.info("LoRA %s: reusing merged model %s", path, target)
-        return Checkpoint(path, "lora", target, fingerprint)
-    if target.exists():
+        found = _merge_format(target)
+        if found == _MERGE_FORMAT:
+            logger.info("LoRA %s: reusing merged model %s", path, target)
+            return Checkpoint(path, "lora", target, fingerprint, base, warnings)
+        # Format 1 kept the tie of tied embeddings when modules_to_save trained one of them.
+        logger.warning(
+            "LoRA %s: merged model %s was written by an older qtune (merge format %d, now %d); "
+            "merging again",
+            path,
+            target,
+            found,
+            _MERGE_FORMAT,
+        )
+        stale = True
+    elif target.exists():
         raise CheckpointError(
             f"{target} exists but is not a complete model directory; remove it to re-merge {path}"
         )
@@ -299,76 +400,131 @@ def _resolve_lora(path: Path, base_model: Path, cache_dir: Path) -> Checkpoint:
     adapter = load_file(path / ADAPTER_WEIGHTS)
     plan = _plan_merge(adapter, config, _base_tensor_index(base), base, path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:12]}")
+    tag = uuid.uuid4().hex[:12]
+    staging = target.with_name(f".{target.name}.tmp-{tag}")
+    aside = target.with_name(f".{target.name}.stale-{tag}")
     start = time.monotonic()
     try:
         staging.mkdir()
         _write_merged(base, staging, plan)
         info = {
+            "format": _MERGE_FORMAT,
             "adapter": str(path),
             "base": str(base),
             "base_fingerprint": base_fp,
             "fingerprint": fingerprint,
             "merged_modules": len(plan.deltas),
             "replaced_tensors": len(plan.replacements),
+            "untied_embeddings": sorted(plan.untied),
         }
         (staging / MERGE_INFO).write_text(json.dumps(info, indent=2) + "\n")
         try:
+            if stale:
+                os.rename(target, aside)
             os.rename(staging, target)
         except OSError:
-            if not (target.is_dir() and is_complete(target)):
+            done = target.is_dir() and is_complete(target) and _merge_format(target)
+            if done != _MERGE_FORMAT:
                 raise
             # Another process merged the same adapter first; its copy is identical.
             logger.info("LoRA %s: merged concurrently into %s; using that", path, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(aside, ignore_errors=True)
     logger.info(
-        "LoRA %s merged onto %s (%d modules, %d replaced tensors) in %.1f s -> %s",
+        "LoRA %s merged onto %s (%d modules, %d replaced tensors%s) in %.1f s -> %s",
         path,
         base,
         len(plan.deltas),
         len(plan.replacements),
+        f", untied {', '.join(sorted(plan.untied))}" if plan.untied else "",
         time.monotonic() - start,
         target,
     )
-    return Checkpoint(path, "lora", target, fingerprint)
+    return Checkpoint(path, "lora", target, fingerprint, base, warnings)
+
+
+def _merge_format(merged: Path) -> int:
+    """The merge format recorded in a merged directory; 1 for those written before formats."""
+    try:
+        found = json.loads((merged / MERGE_INFO).read_text()).get("format", 1)
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return 1
+    return found if isinstance(found, int) else 1
 
 
 def _check_lora_config(config: dict[str, Any], path: Path) -> None:
-    """Refuse adapter settings whose merge this module does not implement."""
+    """Refuse adapter settings whose merge this module does not implement, naming each key."""
+    where = path / ADAPTER_CONFIG
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise CheckpointError(
-            f"{path / ADAPTER_CONFIG}: peft_type {peft_type} is not supported; only LORA adapters "
-            f"can be merged (merge it with peft and pass the merged model directory instead)"
+            f"{where}: peft_type {peft_type} is not supported; only LORA adapters can be merged "
+            f"(merge it with peft's merge_and_unload and pass the merged model directory instead)"
         )
     unsupported = []
-    if config.get("use_dora"):
-        unsupported.append("DoRA (use_dora: true)")
-    if config.get("lora_bias"):
-        unsupported.append("lora_bias: true")
-    for key in ("layer_replication", "target_parameters", "trainable_token_indices"):
-        if config.get(key):
-            unsupported.append(f"{key}")
-    if config.get("alora_invocation_tokens"):
-        unsupported.append("activated LoRA (alora_invocation_tokens), which cannot be merged")
-    init = config.get("init_lora_weights")
-    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
-        unsupported.append(
-            f"init_lora_weights={init!r} (it changes the base weights; save the adapter with "
-            f"path_initial_model_for_weight_conversion to get a plain LoRA)"
-        )
+    init = config.get("init_lora_weights", True)
+    # True / False (peft's default init, or random A and B) never touch the base.
+    if not isinstance(init, bool) and init not in _BASE_KEEPING_INITS:
+        name = init.lower() if isinstance(init, str) else ""
+        if name.startswith("loftq"):
+            why = "LoftQ trains against a quantised replacement of the base weights"
+        elif name.startswith(_BASE_CHANGING_INIT_PREFIXES):
+            why = (
+                "it subtracts the initial adapter from the base weights before training, so the "
+                "adapter only fits that modified base; peft can save it as a plain LoRA with "
+                "save_pretrained(path_initial_model_for_weight_conversion=...)"
+            )
+        else:
+            why = "qtune does not know whether it leaves the base weights unchanged"
+        unsupported.append(f"init_lora_weights={init!r} ({why})")
+    bias = config.get("bias", "none")
+    if bias not in _BIAS_VALUES:
+        unsupported.append(f"bias={bias!r} (expected one of {', '.join(_BIAS_VALUES)})")
+    for key, value in config.items():
+        if key in _LORA_KEYS_OFF_ONLY and not _is_off(value):
+            unsupported.append(f"{key}={_short(value)} ({_LORA_KEYS_OFF_ONLY[key]})")
+        elif key not in KNOWN_LORA_CONFIG_KEYS and not _is_off(value):
+            unsupported.append(
+                f"{key}={_short(value)} (a key qtune does not know, from a newer peft; it may "
+                f"change the merge)"
+            )
     if unsupported:
         raise CheckpointError(
-            f"LoRA adapter {path} uses unsupported features: {', '.join(unsupported)}; merge it "
-            f"with peft (merge_and_unload) and pass the merged model directory instead"
+            f"LoRA adapter {path}: {ADAPTER_CONFIG} sets {'; '.join(unsupported)}. qtune merges "
+            f"plain LoRA only; merge this adapter with peft's merge_and_unload and pass the "
+            f"merged model directory instead"
         )
 
 
-def _find_base(config: dict[str, Any], base_model: Path, path: Path) -> Path:
+def _is_off(value: Any) -> bool:
+    """The value every peft LoRA option uses for "not in use": None, False or empty."""
+    return value is None or value is False or (isinstance(value, dict | list) and not value)
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _find_base(
+    config: dict[str, Any], base_model: Path, path: Path
+) -> tuple[Path, tuple[str, ...]]:
+    """The base to merge onto, and warnings for the caller to record (see Checkpoint)."""
     named = config.get("base_model_name_or_path")
+    warnings: list[str] = []
     if named and Path(named).is_dir():
+        # The adapter's own base: what it was trained on, even when it is not base_model.
         base = Path(named).absolute()
+        differs = _differs(base, base_model.absolute())
+        if differs:
+            warnings.append(
+                f"LoRA adapter {path} was merged onto its base_model_name_or_path {base}, not "
+                f"onto the configured base model {base_model.absolute()} ({differs}); the "
+                f"corpus was first scored with the configured one. If the adapter was trained on "
+                f"{base_model.absolute()}, set base_model_name_or_path in its {ADAPTER_CONFIG}"
+            )
+            logger.warning("%s", warnings[-1])
     else:
         base = base_model.absolute()
         if not base.is_dir():
@@ -393,7 +549,21 @@ def _find_base(config: dict[str, Any], base_model: Path, path: Path) -> Path:
     reasons = _incomplete_reasons(base)
     if reasons:
         raise CheckpointError(f"base model {base} is incomplete: {'; '.join(reasons)}")
-    return base
+    return base, tuple(warnings)
+
+
+def _differs(base: Path, configured: Path) -> str:
+    """Why ``base`` is not the configured base model; empty when it is (or is a copy of it)."""
+    if base.resolve() == configured.resolve():
+        return ""
+    if not configured.exists():
+        return "which does not exist"
+    if checkpoint_kind(configured) not in ("model", "trainer"):
+        return "which is not a model directory"
+    ours, theirs = model_fingerprint(base), model_fingerprint(configured)
+    if ours == theirs:
+        return ""
+    return f"other files: fingerprint {ours[:12]} vs {theirs[:12]}"
 
 
 def _adapter_fingerprint(path: Path, config: dict[str, Any], base_fingerprint: str) -> str:
@@ -423,8 +593,10 @@ class _Delta:
 @dataclass(frozen=True)
 class _MergePlan:
     deltas: dict[str, _Delta]  # base weight key -> delta to add
-    replacements: dict[str, Any]  # base tensor key -> tensor that replaces it
-    shard_of: dict[str, str]  # base tensor key -> file it is stored in
+    # tensor key -> tensor that replaces the base's, or is added (an untied output embedding)
+    replacements: dict[str, Any]
+    shard_of: dict[str, str]  # tensor key -> file it is (to be) stored in
+    untied: frozenset[str] = frozenset()  # output embeddings written out; the config unties
 
 
 def _base_tensor_index(base: Path) -> dict[str, tuple[str, list[int]]]:
@@ -465,6 +637,7 @@ def _plan_merge(
     path: Path,
 ) -> _MergePlan:
     """Pair the adapter's tensors with base tensors and check every shape before writing."""
+    tied = _tied_embeddings(base, base_tensors)
     factors: dict[str, dict[str, Any]] = {}
     replacements: dict[str, Any] = {}
     unsupported: list[str] = []
@@ -488,11 +661,20 @@ def _plan_merge(
         if saved:
             name = f"{saved['module']}.{saved['param']}"
         # A trained base parameter (modules_to_save, bias="all"): it replaces the base's copy.
+        # A tied output embedding is not stored in the base but may be trained all the same.
         name = name.replace(".base_layer.", ".")
-        if name in base_tensors:
+        if name in base_tensors or name in tied:
             replacements[name] = tensor
         else:
             unmatched.append(key)
+    for module in sorted(factors):
+        # peft merges such a LoRA into the one weight both sides share; not done here.
+        key = f"{module}.weight"
+        partner = tied.get(key) or next((o for o, i in tied.items() if i == key), None)
+        if partner:
+            unsupported.append(
+                f"LoRA on {module}, which is tied to {partner} (tie_word_embeddings: true)"
+            )
     if unsupported:
         raise CheckpointError(
             f"LoRA adapter {path} uses unsupported features: {', '.join(unsupported[:5])}"
@@ -543,10 +725,11 @@ def _plan_merge(
         scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         deltas[weight_key] = _Delta(a, b, scaling, fan_in_fan_out)
     for key, tensor in replacements.items():
-        if list(tensor.shape) != base_tensors[key][1]:
+        expected = base_tensors[key if key in base_tensors else tied[key]][1]
+        if list(tensor.shape) != expected:
             problems.append(
                 f"{key}: the adapter's copy has shape {list(tensor.shape)}, the base's "
-                f"{base_tensors[key][1]} (vocabulary resized?)"
+                f"{expected} (vocabulary resized?)"
             )
     overlap = sorted(set(deltas) & set(replacements))
     problems += [f"{key}: both a LoRA target and replaced" for key in overlap]
@@ -556,15 +739,91 @@ def _plan_merge(
         )
         raise CheckpointError(f"LoRA adapter {path} does not match base model {base}: {shown}")
     shard_of = {key: base_tensors[key][0] for key in base_tensors}
-    return _MergePlan(deltas, replacements, shard_of)
+    untied = _untie_trained_embeddings(tied, replacements, base, base_tensors, shard_of)
+    return _MergePlan(deltas, replacements, shard_of, untied)
 
 
 def _tied_hint(name: str) -> str:
     if "lm_head" not in name:
         return ""
-    return (
-        " (with tie_word_embeddings the output embedding is not stored; training it is unsupported)"
-    )
+    return " (the base does not store its output embedding; is it tied to the input one?)"
+
+
+def _tied_embeddings(base: Path, base_tensors: dict[str, tuple[str, list[int]]]) -> dict[str, str]:
+    """Output -> input embedding keys that loading ``base`` ties into one weight; {} if none.
+
+    transformers and vLLM tie them when the config's ``tie_word_embeddings`` is true (an absent
+    key means the config class's default). The names come from the model class's
+    ``_tied_weights_keys``, else the usual ``lm_head.weight`` -> ``model.embed_tokens.weight``;
+    only pairs whose input embedding the base stores are kept.
+    """
+    config = json.loads((base / "config.json").read_text())
+    pairs = _USUAL_TIE
+    tie = config.get("tie_word_embeddings")
+    try:
+        import transformers
+
+        if tie is None:
+            hf_config = transformers.AutoConfig.from_pretrained(base, local_files_only=True)
+            tie = getattr(hf_config, "tie_word_embeddings", False)
+        architectures = config.get("architectures") or [None]
+        model_class = getattr(transformers, str(architectures[0]), None)
+        keys = getattr(model_class, "_tied_weights_keys", None)
+        # transformers >= 5 names full keys; older versions list outputs only (use the default).
+        if (
+            isinstance(keys, dict)
+            and keys
+            and all(_PLAIN_KEY.match(k) for k in (*keys, *keys.values()))
+        ):
+            pairs = dict(keys)
+    except (ImportError, OSError, ValueError, KeyError) as e:
+        if tie is None:
+            # A loader must tie an output embedding the base does not store (or leave it random).
+            tie = not any(out in base_tensors for out in pairs)
+            logger.info("%s: cannot load its config with transformers (%s); tie=%s", base, e, tie)
+    if not tie:
+        return {}
+    return {out: source for out, source in pairs.items() if source in base_tensors}
+
+
+def _untie_trained_embeddings(
+    tied: dict[str, str],
+    replacements: dict[str, Any],
+    base: Path,
+    base_tensors: dict[str, tuple[str, list[int]]],
+    shard_of: dict[str, str],
+) -> frozenset[str]:
+    """Make ``replacements`` give peft's merge of tied embeddings; returns the outputs untied.
+
+    With ``modules_to_save`` on one side of a tie, peft trains a copy of that side and the other
+    keeps the original weight, so its merge unties them (``tie_word_embeddings: false``, both
+    written). With ``ensure_weight_tying`` one trained copy serves both sides and is saved under
+    both names: the sides stay equal and the merge stays tied. The tie is one config flag, so
+    untying writes every tied output out. Replacements are cast to the base's dtype here.
+    """
+    if not any(out in replacements or src in replacements for out, src in tied.items()):
+        return frozenset()
+    from safetensors import safe_open
+
+    originals = {}
+    for source in sorted(set(tied.values())):
+        with safe_open(base / base_tensors[source][0], framework="pt") as f:
+            originals[source] = f.get_tensor(source)
+    sides = {}
+    for out, source in tied.items():
+        dtype = originals[source].dtype
+        out_side = replacements.get(out, originals[source]).to(dtype)
+        in_side = replacements.get(source, originals[source]).to(dtype)
+        sides[out] = (out_side, in_side)
+    if all(out_side.equal(in_side) for out_side, in_side in sides.values()):
+        for out in tied:
+            if out not in base_tensors:
+                replacements.pop(out, None)  # the tie supplies it
+        return frozenset()
+    for out, source in tied.items():
+        replacements[out] = sides[out][0]
+        shard_of.setdefault(out, base_tensors[source][0])
+    return frozenset(tied)
 
 
 def _write_merged(base: Path, out: Path, plan: _MergePlan) -> None:
@@ -583,6 +842,9 @@ def _write_merged(base: Path, out: Path, plan: _MergePlan) -> None:
         with safe_open(base / shard, framework="pt") as f:
             metadata = dict(f.metadata() or {})
             tensors = {key: f.get_tensor(key) for key in f.keys()}
+        for key in sorted(plan.replacements):
+            if key not in tensors and plan.shard_of[key] == shard:
+                tensors[key] = plan.replacements[key].contiguous()  # an untied output embedding
         for key, tensor in tensors.items():
             if key in plan.replacements:
                 tensors[key] = plan.replacements[key].to(tensor.dtype).contiguous()
@@ -595,6 +857,34 @@ def _write_merged(base: Path, out: Path, plan: _MergePlan) -> None:
                 tensors[key] = merged.to(tensor.dtype).contiguous()
         metadata.setdefault("format", "pt")
         save_file(tensors, out / shard, metadata=metadata)
+    if plan.untied:
+        _write_untied_config(out, plan)
+
+
+def _write_untied_config(out: Path, plan: _MergePlan) -> None:
+    """``tie_word_embeddings: false`` in the merged config; the added tensors in the index."""
+    config_path = out / "config.json"
+    config = json.loads(config_path.read_text())
+    config["tie_word_embeddings"] = False
+    text_config = config.get("text_config")
+    if isinstance(text_config, dict) and "tie_word_embeddings" in text_config:
+        text_config["tie_word_embeddings"] = False
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    index_path = out / "model.safetensors.index.json"
+    if not index_path.is_file():
+        return
+    index = json.loads(index_path.read_text())
+    weight_map = index.setdefault("weight_map", {})
+    metadata = index.setdefault("metadata", {})
+    for key in sorted(plan.untied - set(weight_map)):
+        weight_map[key] = plan.shard_of[key]
+        tensor = plan.replacements[key]
+        if "total_size" in metadata:
+            metadata["total_size"] += tensor.numel() * tensor.element_size()
+        if "total_parameters" in metadata:
+            metadata["total_parameters"] += tensor.numel()
+    index["weight_map"] = dict(sorted(weight_map.items()))
+    index_path.write_text(json.dumps(index, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -187,6 +187,7 @@ def test_empty_or_truncated_weights_are_incomplete(llama_dir, tmp_path):
 def test_resolves_model_and_trainer_checkpoints_in_place(llama_dir, tmp_path):
     ckpt = resolve_checkpoint(str(llama_dir), base_model=llama_dir, cache_dir=tmp_path / "cache")
     assert ckpt == Checkpoint(llama_dir, "model", llama_dir, model_fingerprint(llama_dir))
+    assert (ckpt.base, ckpt.warnings) == (None, ())
     trainer = _trainer_checkpoint(llama_dir, tmp_path)
     resolved = resolve_checkpoint(trainer, base_model=llama_dir, cache_dir=tmp_path / "cache")
     assert (resolved.kind, resolved.model_dir) == ("trainer", trainer)
@@ -277,6 +278,32 @@ def test_merged_model_is_cached_and_reused(llama_dir, tmp_path):
     third = resolve_checkpoint(other, base_model=llama_dir, cache_dir=cache)
     assert third.fingerprint != first.fingerprint
     assert sorted(p.name for p in cache.iterdir()) == sorted([first.fingerprint, third.fingerprint])
+
+
+def test_a_merge_cached_by_an_older_merge_format_is_redone(llama_dir, tmp_path, caplog):
+    adapter = tmp_path / "adapter"
+    _write_adapter(adapter, llama_dir)
+    cache = tmp_path / "cache"
+    first = resolve_checkpoint(adapter, base_model=llama_dir, cache_dir=cache)
+    info_path = first.model_dir / "_qtune_merge.json"
+    info = json.loads(info_path.read_text())
+    assert info["format"] == 2
+    good = (first.model_dir / "model.safetensors").read_bytes()
+    # What an older qtune left: no format in the merge info (and, say, other weights).
+    del info["format"]
+    info_path.write_text(json.dumps(info))
+    weights = load_file(first.model_dir / "model.safetensors")
+    weights["model.norm.weight"] = weights["model.norm.weight"] + 1
+    save_file(weights, first.model_dir / "model.safetensors", metadata={"format": "pt"})
+
+    with caplog.at_level(logging.WARNING, logger="qtune.pipeline.checkpoints"):
+        again = resolve_checkpoint(adapter, base_model=llama_dir, cache_dir=cache)
+
+    assert again == first
+    assert "older qtune (merge format 1, now 2); merging again" in caplog.text
+    assert json.loads(info_path.read_text())["format"] == 2
+    assert (first.model_dir / "model.safetensors").read_bytes() == good
+    assert [p.name for p in cache.iterdir()] == [first.fingerprint]  # nothing left aside
 
 
 def test_a_concurrent_merge_of_the_same_adapter_is_used(llama_dir, tmp_path, monkeypatch):
@@ -374,6 +401,13 @@ def test_lora_base_comes_from_adapter_config_else_base_model(llama_dir, model_di
     _write_adapter(adapter, llama_dir)
     ckpt = resolve_checkpoint(adapter, base_model=tmp_path / "absent", cache_dir=tmp_path / "c")
     assert json.loads((ckpt.model_dir / "_qtune_merge.json").read_text())["base"] == str(llama_dir)
+    assert ckpt.base == llama_dir
+    assert ckpt.warnings == (
+        f"LoRA adapter {adapter} was merged onto its base_model_name_or_path {llama_dir}, not onto "
+        f"the configured base model {tmp_path / 'absent'} (which does not exist); the corpus was "
+        f"first scored with the configured one. If the adapter was trained on "
+        f"{tmp_path / 'absent'}, set base_model_name_or_path in its adapter_config.json",
+    )
 
     hub_named = tmp_path / "hub-named"
     _write_adapter(hub_named, llama_dir, extra_config={"base_model_name_or_path": "org/model"})
@@ -381,6 +415,7 @@ def test_lora_base_comes_from_adapter_config_else_base_model(llama_dir, model_di
     merge_info = json.loads((ckpt.model_dir / "_qtune_merge.json").read_text())
     assert merge_info["base"] == str(qwen)
     assert merge_info["base_fingerprint"] == model_fingerprint(qwen)
+    assert (ckpt.base, ckpt.warnings) == (qwen, ())  # no local base named: the configured one
     with pytest.raises(CheckpointError, match=r"cannot find the base model .*'org/model'"):
         resolve_checkpoint(hub_named, base_model=tmp_path / "absent", cache_dir=tmp_path / "c")
 
@@ -402,7 +437,7 @@ def test_peft_trainer_checkpoint_needs_trainer_state(llama_dir, tmp_path):
 @pytest.mark.parametrize(
     ("extra_config", "extra_tensors", "message"),
     [
-        ({"use_dora": True}, {}, r"DoRA \(use_dora: true\)"),
+        ({"use_dora": True}, {}, r"use_dora=true \(DoRA .*merge_and_unload"),
         (
             {},
             {f"{PEFT}model.embed_tokens.lora_embedding_A": torch.zeros(4, 512)},
