@@ -40,12 +40,31 @@ class RejectReason(StrEnum):
     NON_STRING_CONTENT = "non_string_content"
     INVALID_TEXT = "invalid_text"
     NO_ASSISTANT_TURN = "no_assistant_turn"
-    EMPTY_ASSISTANT = "empty_assistant"
+    EMPTY_ASSISTANT = "empty_assistant"  # an assistant turn with no text and no tool calls
     TEMPLATE_ERROR = "template_error"
+    # The chat template renders the conversation so that an assistant turn's tokens cannot be
+    # located with certainty (never guessed: a wrong span trains on the prompt).
+    SPAN_NOT_FOUND = "span_not_found"
+    # Message text that spells a special token (``<|im_end|>``...): it would tokenise as the
+    # control token and forge turn boundaries.
+    SPECIAL_TOKEN_IN_CONTENT = "special_token_in_content"
+    INVALID_TOOL_CALLS = "invalid_tool_calls"  # malformed ``tool_calls`` or ``tools``
+    # Tool calls or tool messages that the chat template does not render (they would be lost).
+    UNSUPPORTED_TOOL_CALLS = "unsupported_tool_calls"
     TOO_LONG = "too_long"
     NO_RESPONSE_TOKENS = "no_response_tokens"
     DUPLICATE_SAMPLE_ID = "duplicate_sample_id"  # a later row repeating an earlier row's id
     UNREADABLE_SOURCE = "unreadable_source"  # the file failed mid-read; its remaining rows
+
+
+class RowRejected(Exception):
+    """A row that cannot be used, with its reason code and a human-readable detail. Stages
+    raise it per row and turn it into ``reject_reason`` / ``reject_detail``."""
+
+    def __init__(self, reason: RejectReason, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
 
 
 # --- column names -------------------------------------------------------------------------------
@@ -55,7 +74,8 @@ ROW_INDEX = "row_index"  # 0-based row/line number within SOURCE
 PARTITION = "partition"  # input partition (unit of scoring, checkpointing and resume)
 FORMAT = "format"  # detected or configured input format of the row
 METADATA = "metadata"  # JSON of the row's short scalar top-level fields (task, category, ...)
-MESSAGES = "messages"  # normalised conversation: list<struct<role, content>>
+MESSAGES = "messages"  # normalised conversation: list<MESSAGE_TYPE>
+TOOLS = "tools"  # JSON list of the tool (function) schemas a conversation may call; null: none
 RAW = "raw"  # original row as text; kept only for rejected rows
 REJECT_REASON = "reject_reason"  # null for usable rows, else a RejectReason value
 REJECT_DETAIL = "reject_detail"  # human-readable explanation for rejected rows
@@ -86,7 +106,19 @@ GROUP = "group"  # the sample's group under qtuning.group_by (its source file wh
 LENGTH = "length"
 IGNORE_INDEX = -100
 
-MESSAGE_TYPE = pa.struct([("role", pa.string()), ("content", pa.string())])
+# One turn as the chat template receives it. ``tool_calls`` is the OpenAI-style list as JSON text
+# (its arguments are free-form); null fields are left out of the dict handed to the template.
+MESSAGE_TYPE = pa.struct(
+    [
+        ("role", pa.string()),
+        ("content", pa.string()),
+        ("reasoning_content", pa.string()),  # Qwen3 / DeepSeek style reasoning of the turn
+        ("tool_calls", pa.string()),
+        ("tool_call_id", pa.string()),  # a tool message: the call it answers
+        ("name", pa.string()),  # a tool message: the tool's name
+    ]
+)
+MESSAGE_FIELDS = tuple(field.name for field in MESSAGE_TYPE)
 
 NORMALIZED_SCHEMA = pa.schema(
     [
@@ -97,6 +129,7 @@ NORMALIZED_SCHEMA = pa.schema(
         (FORMAT, pa.string()),
         (METADATA, pa.string()),
         (MESSAGES, pa.list_(MESSAGE_TYPE)),
+        (TOOLS, pa.string()),
         (RAW, pa.string()),
         (REJECT_REASON, pa.string()),
         (REJECT_DETAIL, pa.string()),

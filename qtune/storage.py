@@ -18,6 +18,7 @@ import functools
 import glob as local_glob
 import io
 import os
+import posixpath
 import re
 import shutil
 from pathlib import Path
@@ -156,18 +157,38 @@ def list_files(location: str | os.PathLike) -> dict[str, int]:
     }
 
 
+def normalize(location: str | os.PathLike) -> str:
+    """A location in one canonical spelling, for comparing two of them: a local path absolute
+    with symlinks resolved; a URI with its scheme in lower case, without credentials, query or
+    trailing slash, and with ``.`` and ``..`` segments folded."""
+    if not is_remote(location):
+        return str(Path(_local(location)).resolve())
+    split = _split(location)
+    host = split.netloc.rsplit("@", 1)[-1]
+    path = posixpath.normpath("/" + split.path.lstrip("/")).rstrip("/")
+    return urlunsplit((split.scheme.lower(), host, path, "", ""))
+
+
+def glob_base(pattern: str | os.PathLike) -> tuple[str, list[str]]:
+    """A glob's literal base directory and the pattern's segments below it:
+    ``data/*/x.jsonl`` -> (``data``, [``*``, ``x.jsonl``]). In a URI the base keeps its query."""
+    remote = is_remote(pattern)
+    split = _split(pattern)
+    parts = split.path.strip("/").split("/") if remote else list(Path(_local(pattern)).parts)
+    literal = next((i for i, p in enumerate(parts) if local_glob.has_magic(p)), len(parts))
+    if not remote:
+        return str(Path(*parts[:literal]) if literal else Path(".")), parts[literal:]
+    path = "/" + "/".join(parts[:literal])
+    return urlunsplit((split.scheme, split.netloc, path, split.query, "")), parts[literal:]
+
+
 def glob(pattern: str) -> list[str]:
     """Files and directories matching a glob (``**`` spans directories), sorted."""
     if not is_remote(pattern):
         return sorted(local_glob.glob(_local(pattern), recursive=True))
-    split = _split(pattern)
-    literal = []
-    for part in split.path.strip("/").split("/"):
-        if local_glob.has_magic(part):
-            break  # the literal directories before the first wildcard are listed
-        literal.append(part)
-    base = join(urlunsplit((split.scheme, split.netloc, "/" + "/".join(literal), split.query, "")))
-    rest = split.path.strip("/").split("/")[len(literal) :]
+    # The literal directories before the first wildcard are listed.
+    base, rest = glob_base(pattern)
+    base = join(base)
     wanted = "/".join(rest)
     matcher = _glob_regex(wanted)
     filesystem, root = resolve(base)

@@ -13,10 +13,11 @@ from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from qtune import storage
-from qtune.pipeline.config import ConfigError, QTuneConfig, load_config
+from qtune.pipeline.config import ConfigError, QTuneConfig, check_output_location, load_config
 
 if TYPE_CHECKING:
     from qtune.pipeline.score_job import ScoreSummary
@@ -51,9 +52,38 @@ RestartOpt = Annotated[
     typer.Option(
         "--restart",
         help="Discard an unfinished or mismatching earlier run in output.dir instead of "
-        "resuming or refusing (run/score: every result there; rescore: that epoch's).",
+        "resuming or refusing (run/score: every file qtune wrote there, as its manifests and "
+        "state list them; files it did not write stay; rescore: that epoch's).",
     ),
 ]
+
+
+def _print_skipped_inputs(skipped: list[dict[str, str]], shown: int = 10) -> None:
+    """Files of the input folders that were not read (all listed in the manifest); hidden
+    metadata names (``_SUCCESS``, ``.git``) only as a count."""
+    from qtune.stages.ingest import HIDDEN_REASON
+
+    hidden = sum(entry["reason"] == HIDDEN_REASON for entry in skipped)
+    if hidden:
+        console.print(
+            f"{hidden} hidden metadata file(s) in the input folders not read (names starting "
+            "with '.' or '_'; listed in the manifest's skipped_inputs)",
+            highlight=False,
+        )
+    skipped = [entry for entry in skipped if entry["reason"] != HIDDEN_REASON]
+    for entry in skipped[:shown]:
+        err_console.print(
+            f"[yellow]not an input, skipped:[/yellow] {escape(entry['path'])}: "
+            f"{escape(entry['reason'])}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    if len(skipped) > shown:
+        err_console.print(
+            f"… and {len(skipped) - shown} more skipped file(s), listed in the manifest's "
+            "skipped_inputs",
+            highlight=False,
+        )
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -72,8 +102,26 @@ def _load(config: Path | None, overrides: list[str] | None) -> QTuneConfig:
         raise _fail(str(e), code=2) from None
 
 
+def _load_for_writing(
+    config: Path | None, overrides: list[str] | None, out: str | None = None
+) -> QTuneConfig:
+    """The config of a command that writes into ``output.dir`` (or ``out``): its location is
+    checked before anything starts (``check_output_location``)."""
+    cfg = _load(config, overrides)
+    try:
+        check_output_location(cfg, out)
+    except ConfigError as e:
+        raise _fail(str(e), code=2) from None
+    return cfg
+
+
 def _fail(message: str, code: int = 1) -> typer.Exit:
-    err_console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    from qtune.pipeline.inspect import terminal_safe
+
+    # Messages quote paths, ids and data: shown as written, never as markup or terminal codes.
+    err_console.print(
+        f"[red]error:[/red] {escape(terminal_safe(message))}", highlight=False, soft_wrap=True
+    )
     return typer.Exit(code)
 
 
@@ -91,9 +139,15 @@ def _known_error(error: BaseException, expected: tuple[type, ...]) -> BaseExcept
 
 
 def _guard(job: Callable[[], T]) -> T:
-    """Run a job; known failures become one clear line and a non-zero exit, not a traceback."""
+    """Run a job; known failures become one clear line and a non-zero exit, not a traceback.
+
+    A configuration problem found on the way (``ConfigError``: e.g. an output directory holding
+    files qtune did not write) exits with 2; an OS error no job explained (a full disk, a
+    read-only filesystem) with 1, as the error's own line (path and cause); its traceback is
+    logged with ``--verbose``.
+    """
     from qtune.pipeline.checkpoints import CheckpointError
-    from qtune.pipeline.errors import PipelineError
+    from qtune.pipeline.errors import PipelineError, one_line
     from qtune.pipeline.inspect import InspectError
     from qtune.pipeline.lock import OutputLockedError
     from qtune.pipeline.report_job import ReportError
@@ -120,9 +174,13 @@ def _guard(job: Callable[[], T]) -> T:
     try:
         return job()
     except Exception as e:
-        known = _known_error(e, expected)
+        known = _known_error(e, (ConfigError, *expected))
         if known is not None:
-            raise _fail(str(known)) from None
+            raise _fail(str(known), code=2 if isinstance(known, ConfigError) else 1) from None
+        os_error = _known_error(e, (OSError,))
+        if os_error is not None:
+            logging.getLogger(__name__).debug("unexplained OS error", exc_info=os_error)
+            raise _fail(one_line(os_error)) from None
         raise
 
 
@@ -165,9 +223,14 @@ def print_score_summary(summary: ScoreSummary) -> None:
         console.print(_partial_notice(summary.limit))
     for unreadable in summary.unreadable_sources:
         err_console.print(
-            f"[yellow]unreadable input skipped:[/yellow] {unreadable['error']}",
+            f"[yellow]unreadable input skipped:[/yellow] {escape(unreadable['error'])}",
             highlight=False,
             soft_wrap=True,
+        )
+    _print_skipped_inputs(summary.skipped_inputs)
+    for warning in (summary.extra.get("checkpoint") or {}).get("warnings") or []:
+        err_console.print(
+            f"[yellow]checkpoint:[/yellow] {escape(warning)}", highlight=False, soft_wrap=True
         )
     if summary.reasons:
         reasons = Table(title="rejects by reason", title_justify="left")
@@ -383,7 +446,7 @@ def score(
     from qtune.pipeline.score_job import run_score
 
     _setup_logging(verbose)
-    cfg = _load(config, set_)
+    cfg = _load_for_writing(config, set_)
     summary = _guard(lambda: run_score(cfg, restart=restart, limit=limit))
     print_score_summary(summary)
     print_stage_timings(summary.stages)
@@ -408,7 +471,7 @@ def triage(
     from qtune.pipeline.triage_job import run_triage
 
     _setup_logging(verbose)
-    cfg = _load(config, set_)
+    cfg = _load_for_writing(config, set_, out)
     logging.getLogger(__name__).info(
         "re-using the scored cache of %s (no re-scoring)", storage.without_query(cfg.output.dir)
     )
@@ -473,7 +536,7 @@ def run(
 
     Re-running the same command after a crash resumes where it stopped."""
     _setup_logging(verbose)
-    _run(_load(config, set_), restart, limit)
+    _run(_load_for_writing(config, set_), restart, limit)
 
 
 # str, not Path: a URI (s3://bucket/run) would lose a slash to Path.
@@ -529,19 +592,30 @@ def verify(
     epoch: Annotated[
         int | None, typer.Option(help="Version to check (default: the one in LATEST).")
     ] = None,
+    full: Annotated[
+        bool,
+        typer.Option(
+            "--full",
+            help="Re-derive the loss mask of every kept row from the input (default: a sample "
+            "of 256).",
+        ),
+    ] = False,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Re-check a published version: checksums, schema, masks, token budget, counts."""
+    """Re-check a published version: checksums, schema, masks (re-derived from the input with
+    the tokenizer and chat template), token budget, counts."""
     from qtune.pipeline.verify import verify_version
 
     _setup_logging(verbose)
-    report = _guard(lambda: verify_version(output_dir, epoch))
+    report = _guard(lambda: verify_version(output_dir, epoch, full=full))
     checked = ", ".join(f"{v:,} {k}" for k, v in report.checks.items())
+    for note in report.notes:
+        err_console.print(f"[yellow]note:[/yellow] {escape(note)}", highlight=False, soft_wrap=True)
     if report.ok:
         console.print(f"[green]ok[/green] {report.version_dir}: {checked}", highlight=False)
         return
     for problem in report.problems:
-        err_console.print(f"[red]problem:[/red] {problem}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]problem:[/red] {escape(problem)}", highlight=False, soft_wrap=True)
     raise _fail(f"{len(report.problems)} problem(s) in {report.version_dir}")
 
 
@@ -565,7 +639,7 @@ def rescore(
     from qtune.pipeline.rescore_job import run_rescore
 
     _setup_logging(verbose)
-    cfg = _load(config, set_)
+    cfg = _load_for_writing(config, set_)
     score_summary, triage_summary = _guard(lambda: run_rescore(cfg, model, epoch, restart=restart))
     print_summaries(score_summary, triage_summary)
     _report_after(cfg, triage_summary)
@@ -591,7 +665,7 @@ def watch(
     from qtune.pipeline.watch import default_state_file, watch_main
 
     _setup_logging(verbose)
-    cfg = _load(config, set_)
+    cfg = _load_for_writing(config, set_)
 
     def rescore_checkpoint(checkpoint: Path) -> int:
         score_summary, triage_summary = run_rescore(cfg, checkpoint)
@@ -634,11 +708,31 @@ def demo(
     from qtune.demo.assets import prepare_demo
 
     _setup_logging(verbose)
-    cfg = _load(config, set_)
+    cfg = _load_for_writing(config, set_)
     if isinstance(cfg.input.path, list):
         raise _fail("the demo config must name one input directory")
-    prepare_demo(corpus_dir=Path(cfg.input.path), model_dir=Path(cfg.model.path))
+    corpus_dir, model_dir = Path(cfg.input.path), Path(cfg.model.path)
+    for name, directory in (("input.path", corpus_dir), ("model.path", model_dir)):
+        _check_demo_asset_dir(name, directory)
+    prepare_demo(corpus_dir=corpus_dir, model_dir=model_dir)
     _run(cfg, limit=limit)
+
+
+def _check_demo_asset_dir(name: str, directory: Path) -> None:
+    """``qtune demo`` (re)builds its corpus and model in these directories, replacing them:
+    refuse one that holds files the demo did not write (its stamp file marks its own)."""
+    from qtune.demo.assets import STAMP
+
+    if not directory.exists():
+        return
+    if not directory.is_dir():
+        raise _fail(f"{name} {directory} is a file; the demo writes a directory there", code=2)
+    if any(directory.iterdir()) and not (directory / STAMP).is_file():
+        raise _fail(
+            f"{name} {directory} holds files the demo did not write (no {STAMP}); the demo "
+            f"replaces that directory: point {name} at a new directory for the demo",
+            code=2,
+        )
 
 
 @app.command("demo-loop")
@@ -655,6 +749,7 @@ def demo_loop(
     from qtune.demo.loop import run_demo_loop
 
     _setup_logging(verbose)
+    _check_demo_loop_out(out)
     results = _guard(lambda: run_demo_loop(config, out, epochs))
     for result in results:
         table = Table(title=f"arm: {result.arm}", title_justify="left")
@@ -691,6 +786,28 @@ def demo_loop(
     final.add_row(*(f"{r.epochs[-1].heldout_loss:.4f}" for r in results))
     console.print(final)
     console.print(f"results: {out / 'results.json'}")
+
+
+def _check_demo_loop_out(out: Path) -> None:
+    """The demo loop deletes ``out`` before it starts: only an earlier demo loop's output (its
+    arms' folders and results) may be there."""
+    from qtune.demo.loop import ARMS
+
+    resolved = out.resolve()
+    if resolved in (Path("/"), Path.cwd().resolve(), Path.home().resolve()):
+        raise _fail(f"--out {out} is {resolved}: the demo loop needs a directory of its own", 2)
+    if resolved.exists() and not resolved.is_dir():
+        raise _fail(f"--out {out} is a file; the demo loop writes a directory there", code=2)
+    if resolved.is_dir():
+        own = {*ARMS, "results.json"}
+        foreign = sorted(p.name for p in resolved.iterdir() if p.name not in own)
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+            raise _fail(
+                f"--out {out} holds files an earlier demo loop did not write ({shown}); the "
+                "demo loop replaces that directory: choose a new one",
+                code=2,
+            )
 
 
 def main() -> None:

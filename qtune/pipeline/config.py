@@ -7,6 +7,8 @@ this model: the pipeline hands them plain values.
 
 from __future__ import annotations
 
+import fnmatch
+import glob
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -230,6 +232,15 @@ class OutputConfig(_Section):
         "and `rescore`; `qtune report` writes it on demand.",
     )
 
+    @field_validator("dir", "work_dir")
+    @classmethod
+    def _names_a_directory(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError(
+                "empty: name a directory of its own for qtune's output (e.g. out/run1)"
+            )
+        return value
+
 
 class RayConfig(_Section):
     address: str | None = Field(
@@ -302,7 +313,9 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         elif item["type"] == "missing":
             lines.append(f"  {key}: required but not set")
         else:
-            lines.append(f"  {key}: {item['msg']}")
+            lines.append(f"  {key}: {item['msg'].removeprefix('Value error, ')}")
+    if len(lines) == 2:  # one problem: one line
+        return f"{lines[0]} {lines[1].strip()}"
     return "\n".join(lines)
 
 
@@ -328,7 +341,16 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            loaded = yaml.safe_load(path.read_text())
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(
+                f"config file {path} is not UTF-8 text: byte 0x{e.object[e.start]:02x} at "
+                f"offset {e.start}; save it as UTF-8"
+            ) from e
+        except OSError as e:
+            raise ConfigError(f"config file {path} cannot be read: {e.strerror or e}") from e
+        try:
+            loaded = yaml.safe_load(text)
         except yaml.YAMLError as e:
             raise ConfigError(f"{path} is not valid YAML: {e}") from e
         if loaded is not None and not isinstance(loaded, dict):
@@ -341,3 +363,136 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         return QTuneConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_validation_error(e, source)) from None
+
+
+# --- where qtune may write --------------------------------------------------------------------
+
+
+def check_output_location(cfg: QTuneConfig, out: str | None = None) -> None:
+    """Refuse an output location qtune must not write into, before anything is written there.
+
+    Checks ``out`` (``triage --out``) or else ``output.dir``, and a remote output's configured
+    ``output.work_dir``: each must be a directory of its own — not empty, not the working
+    directory, the home directory or ``/``, not a file nor under one — and must not be, contain
+    or lie inside any input (``input.path`` entries, a glob's base directory and its matches;
+    ``model.path``), compared after resolving symlinks (URIs: normalised). Raises
+    :class:`ConfigError` naming both paths. Looks at the local filesystem only (never a
+    remote one).
+    """
+    from qtune import storage
+
+    name, location = ("--out", out) if out is not None else ("output.dir", cfg.output.dir)
+    targets = [(name, location)]
+    if storage.is_remote(location) and out is None and cfg.output.work_dir is not None:
+        targets.append(("output.work_dir", cfg.output.work_dir))
+    specs = [cfg.input.path] if isinstance(cfg.input.path, str) else list(cfg.input.path)
+    inputs = [("input.path", spec) for spec in specs] + [("model.path", cfg.model.path)]
+    for target_name, target in targets:
+        if not storage.is_remote(target):
+            _check_own_directory(target_name, target)
+        for input_name, spec in inputs:
+            overlap = _overlapping_input(target, spec)
+            if overlap is not None:
+                raise ConfigError(
+                    f"{target_name} {_shown(target)} overlaps {input_name} {_shown(overlap)} "
+                    f"({_relation(target, overlap)}): qtune writes, replaces and on --restart "
+                    f"deletes files in {target_name}; choose a directory outside every input"
+                )
+
+
+def _shown(location: str) -> str:
+    """A location as the user wrote it, and what it resolves to when that differs."""
+    from qtune import storage
+
+    shown = storage.without_query(location)
+    resolved = storage.normalize(location)
+    return shown if resolved.rstrip("/") == shown.rstrip("/") else f"{shown} (= {resolved})"
+
+
+def _check_own_directory(name: str, location: str) -> None:
+    """A local output location: a directory of its own, or a path where one can be made."""
+    if not location.strip():
+        raise ConfigError(f"{name} is empty: name a directory of its own (e.g. out/run1)")
+    path = Path(location.removeprefix("file://"))
+    resolved = path.resolve()
+    special = {Path("/"): "the filesystem root", Path.cwd().resolve(): "the current directory"}
+    try:
+        special.setdefault(Path.home().resolve(), "the home directory")
+    except RuntimeError:
+        pass  # no home directory known
+    if resolved in special:
+        raise ConfigError(
+            f"{name} {location!r} is {special[resolved]} ({resolved}): qtune writes its versions, "
+            "scored cache and dataset card there; name a directory of its own (e.g. out/run1)"
+        )
+    if resolved.exists() and not resolved.is_dir():
+        raise ConfigError(f"{name} {location} is a file, not a directory; name a directory")
+    for parent in resolved.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(
+                    f"{name} {location} lies under {parent}, which is a file, not a directory"
+                )
+            break
+
+
+def _overlapping_input(target: str, spec: str) -> str | None:
+    """The input path (``spec``, its glob base or one of its matches) that is, contains or lies
+    inside ``target``; None when they are apart."""
+    from qtune import storage
+
+    if storage.is_remote(target) != storage.is_remote(spec):
+        return None
+    out = storage.normalize(target)
+    if not storage.has_magic(spec):
+        return spec if _related(out, storage.normalize(spec)) else None
+    base, pattern = storage.glob_base(spec)
+    normal_base = storage.normalize(base)
+    if _within(normal_base, out):  # the output is the glob's base or above it
+        return base
+    if _within(out, normal_base) and _reaches(_relative_parts(out, normal_base), pattern):
+        return spec  # the glob can match the output, something in it, or a folder above it
+    if not storage.is_remote(spec):  # a match may be a symlink into the output
+        for match in glob.glob(spec.removeprefix("file://"), recursive=True):
+            if _related(out, storage.normalize(match)):
+                return match
+    return None
+
+
+def _within(path: str, directory: str) -> bool:
+    """``path`` is ``directory`` or lies under it (normalised spellings)."""
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
+
+
+def _related(a: str, b: str) -> bool:
+    return _within(a, b) or _within(b, a)
+
+
+def _relative_parts(path: str, directory: str) -> list[str]:
+    return [p for p in path[len(directory.rstrip("/")) :].split("/") if p]
+
+
+def _reaches(parts: list[str], pattern: list[str]) -> bool:
+    """Whether a glob's segments below its base can match ``parts`` (a path below the base), a
+    path inside it, or a folder above it."""
+    for i, segment in enumerate(pattern):
+        if "**" in segment:
+            return True  # spans any depth
+        if i == len(parts):
+            return True  # the pattern goes on inside the path
+        if not fnmatch.fnmatchcase(parts[i], segment):
+            return False
+    return True  # a match is the path itself or a folder above it
+
+
+def _relation(target: str, overlap: str) -> str:
+    from qtune import storage
+
+    a, b = storage.normalize(target), storage.normalize(overlap)
+    if a == b:
+        return "the same location"
+    if _within(b, a):
+        return "the input lies inside the output"
+    if _within(a, b):
+        return "the output lies inside the input"
+    return "the input pattern reaches into the output"

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 from rich.console import RenderableType
+from rich.text import Text
 
 from qtune import schema
 from qtune.pipeline.layout import DROPPED_INDEX, SCORE_SUMMARY, OutputLayout, epoch_name
@@ -98,6 +99,7 @@ __all__ = [
     "open_version",
     "render_sample",
     "sample_views",
+    "terminal_safe",
 ]
 
 
@@ -542,7 +544,7 @@ def find_samples(
         if missing:
             rejected = _rejected(version, missing)
             named = ", ".join(
-                f"{s!r} (rejected: {rejected[s]})" if s in rejected else repr(s)
+                f"{s!r} (rejected: {terminal_safe(rejected[s])})" if s in rejected else repr(s)
                 for s in missing[:10]
             )
             more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
@@ -569,8 +571,48 @@ def find_samples(
     return views
 
 
+# Characters a terminal acts on instead of showing: C0 controls but tab and newline (the text
+# needs those; ESC starts colour, cursor, title and clipboard sequences), DEL, C1 controls (0x9b
+# is a one-character CSI on some terminals), and the Unicode bidi embeddings, overrides and
+# isolates, which reorder what is shown ("Trojan Source", CVE-2021-42574). Each is shown as its
+# Python escape (``\x1b``, ``\u202e``). Rich strips only BEL, BS, VT, FF and CR by itself.
+_TERMINAL_UNSAFE = [
+    *range(0x00, 0x09),
+    *range(0x0B, 0x20),
+    *range(0x7F, 0xA0),
+    *range(0x202A, 0x202F),
+    *range(0x2066, 0x206A),
+]
+_TERMINAL_ESCAPES = {c: repr(chr(c))[1:-1] for c in _TERMINAL_UNSAFE}
+
+
+def terminal_safe(text: str) -> str:
+    r"""``text`` with every character a terminal would act on written as its escape (``\x1b``)."""
+    return text.translate(_TERMINAL_ESCAPES)
+
+
+def _safe_or_none(text: str | None) -> str | None:
+    return None if text is None else terminal_safe(text)
+
+
 def render_sample(view: SampleView) -> RenderableType:
     """A rich panel: sample id, a header (quadrant, decision, PPL, entropy, length, origin) and
-    the text with response tokens shaded by their score and pruned tokens struck and marked."""
+    the text with response tokens shaded by their score and pruned tokens struck and marked.
+
+    Everything that comes from the data (text, sample id, source, …) is shown, never acted on:
+    control characters appear as escapes (:func:`terminal_safe`) and rich markup as written.
+    """
     scale: ScoreScale = PPL_SCALE if view.score_name == PPL_SCALE.name else ENTROPY_SCALE
-    return render_sample_rich(view, scale)
+    safe = replace(
+        view,
+        sample_id=terminal_safe(view.sample_id),
+        source=_safe_or_none(view.source),
+        quadrant=terminal_safe(view.quadrant),
+        reason=_safe_or_none(view.reason),
+        note=_safe_or_none(view.note),
+        segments=[replace(s, text=terminal_safe(s.text)) for s in view.segments],
+    )
+    panel = render_sample_rich(safe, scale)
+    # A str title is parsed as rich markup ("[bold]", "[/]" in a sample id); a Text is not.
+    panel.title = Text(safe.sample_id)
+    return panel

@@ -42,6 +42,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from qtune.pipeline.errors import PipelineError, one_line
+
 logger = logging.getLogger(__name__)
 
 #: An unreadable lock file younger than this may be mid-write by its creator: wait this long
@@ -98,15 +100,20 @@ class OutputLock:
         self._key: Path | None = None
 
     def __enter__(self) -> OutputLock:
-        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
-        key = self.lock_path.parent.resolve() / self.lock_path.name
-        with _HELD_GUARD:
-            held = _HELD.get(key)
-            if held is not None and held.pid == os.getpid():
-                held.depth += 1
-            else:
-                token = _acquire(key, self.command)
-                _HELD[key] = _Held(pid=os.getpid(), token=token, depth=1)
+        try:
+            self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+            key = self.lock_path.parent.resolve() / self.lock_path.name
+            with _HELD_GUARD:
+                held = _HELD.get(key)
+                if held is not None and held.pid == os.getpid():
+                    held.depth += 1
+                else:
+                    token = _acquire(key, self.command)
+                    _HELD[key] = _Held(pid=os.getpid(), token=token, depth=1)
+        except OSError as e:  # read-only, a file in the way, a full disk: not "locked"
+            raise PipelineError(
+                f"output directory {self.lock_path.parent} cannot be written: {one_line(e)}"
+            ) from e
         self._key = key
         return self
 
@@ -141,7 +148,9 @@ def _acquire(path: Path, command: str) -> str:
     payload = (json.dumps(record, sort_keys=True) + "\n").encode()
 
     first_unreadable: float | None = None  # monotonic time an unreadable lock was first seen
-    for _ in range(_MAX_ATTEMPTS):
+    attempts = 0
+    # Waiting out the grace of an unreadable lock is not an attempt: only contention counts.
+    while attempts < _MAX_ATTEMPTS:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
@@ -154,7 +163,8 @@ def _acquire(path: Path, command: str) -> str:
             if first_unreadable is None:
                 first_unreadable = time.monotonic()
             time.sleep(_POLL_S)
-        # "gone": the lock vanished or was moved aside; retry the exclusive create.
+            continue
+        attempts += 1  # "gone": the lock vanished or was moved aside; retry the exclusive create
     raise OutputLockedError(
         f"could not take the output lock {path} in {_MAX_ATTEMPTS} attempts: other processes keep "
         f"creating it. Check which qtune processes write to {path.parent}",

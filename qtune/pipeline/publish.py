@@ -3,7 +3,9 @@
 A version is staged outside ``data/`` (``<out>/.staging``), its ``manifest.json`` written last,
 then the directory is moved into ``data/epoch_NNN`` in one rename. ``README.md`` (the YAML
 ``configs:`` that ``datasets.load_dataset`` reads, one config per epoch, newest ``default``) and
-``LATEST`` are then each replaced atomically (write a temporary file, ``os.replace``).
+``LATEST`` are then each replaced atomically: both are written to temporary files *before* the
+version moves, so that after the move only renames are left (a full disk cannot stop a
+publication half-way). The card carries ``CARD_MARKER``: qtune replaces only its own card.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -19,24 +20,45 @@ import yaml
 
 from qtune import storage
 from qtune.faults import fault_point
-from qtune.pipeline.layout import VERSION_TRAIN, OutputLayout, epoch_name, publish_dir
-
-MANIFEST = "manifest.json"
-_EPOCH_DIR = re.compile(r"^epoch_(\d{3,})$")
+from qtune.pipeline.errors import PipelineError, one_line
+from qtune.pipeline.layout import (
+    CARD_MARKER,
+    MANIFEST,
+    VERSION_TRAIN,
+    OutputLayout,
+    epoch_name,
+    parse_epoch,
+    publish_dir,
+)
 
 
 def write_atomic(path: Path, text: str) -> None:
     """Write a temporary file, fsync it, ``os.replace`` it over ``path``, fsync the directory.
 
     Readers see the old or the new file, never a partial one; the fsyncs make the change
-    survive a machine crash too (manifests, LATEST and the watcher's state depend on it).
+    survive a machine crash too (manifests, LATEST and the watcher's state depend on it). A
+    failed write (a full disk) leaves ``path`` as it was and no temporary file behind.
     """
+    _commit(_write_temporary(path, text), path)
+
+
+def _write_temporary(path: Path, text: str) -> Path:
+    """``text`` in a synced temporary file beside ``path`` (removed again if writing fails)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def _commit(tmp: Path, path: Path) -> None:
+    """Rename a written temporary file over ``path`` and sync the directory."""
     os.replace(tmp, path)
     try:
         fd = os.open(path.parent, os.O_RDONLY)
@@ -111,18 +133,17 @@ def published_epochs(layout: OutputLayout) -> list[int]:
         return []
     epochs = []
     for child in data.iterdir():
-        match = _EPOCH_DIR.match(child.name)
-        if match and (child / MANIFEST).is_file():
-            epochs.append(int(match.group(1)))
+        epoch = parse_epoch(child.name)
+        if epoch is not None and (child / MANIFEST).is_file():
+            epochs.append(epoch)
     return sorted(epochs)
 
 
 def latest_epoch(layout: OutputLayout) -> int | None:
-    latest = layout.root / "LATEST"
-    if latest.is_file():
-        match = _EPOCH_DIR.match(latest.read_text().strip())
-        if match:
-            return int(match.group(1))
+    if layout.latest.is_file():
+        epoch = parse_epoch(layout.latest.read_text())
+        if epoch is not None:
+            return epoch
     epochs = published_epochs(layout)
     return epochs[-1] if epochs else None
 
@@ -131,13 +152,19 @@ def read_manifest(layout: OutputLayout, epoch: int) -> dict[str, Any]:
     return json.loads((layout.data_dir(epoch) / MANIFEST).read_text())
 
 
-def dataset_card(layout: OutputLayout) -> str:
-    """README.md with the YAML ``configs:`` that datasets.load_dataset(<out>) reads."""
-    epochs = published_epochs(layout)
+def dataset_card(layout: OutputLayout, pending: dict[int, dict[str, Any]] | None = None) -> str:
+    """README.md with the YAML ``configs:`` that datasets.load_dataset(<out>) reads.
+
+    ``pending``: manifests of versions about to be published (by epoch), counted as published.
+    """
+    pending = pending or {}
+    manifests = {epoch: read_manifest(layout, epoch) for epoch in published_epochs(layout)}
+    manifests.update(pending)
+    epochs = sorted(manifests)
     configs = []
     for epoch in epochs:
         # The publication stamp in the pattern keys datasets' cache to this exact publication.
-        stamp = read_manifest(layout, epoch).get("publication", "")
+        stamp = manifests[epoch].get("publication", "")
         pattern = (
             f"data/{epoch_name(epoch)}/{VERSION_TRAIN}/part-*{'-' + stamp if stamp else ''}.parquet"
         )
@@ -149,7 +176,7 @@ def dataset_card(layout: OutputLayout) -> str:
             config["default"] = True
         configs.append(config)
     front = yaml.safe_dump({"configs": configs}, sort_keys=False)
-    lines = ["---", front.rstrip(), "---", "", "# qtune curated SFT data", ""]
+    lines = ["---", front.rstrip(), "---", CARD_MARKER, "", "# qtune curated SFT data", ""]
     lines.append("Curated with qtune (Q-Tuning). Each config is one epoch's version; the newest is")
     lines.append("the default. Load with:")
     lines += ["", "```python", "from datasets import load_dataset", ""]
@@ -161,7 +188,7 @@ def dataset_card(layout: OutputLayout) -> str:
     lines += ["```", "", "| version | kept | dropped | rejected | kept loss tokens |"]
     lines.append("|---|---|---|---|---|")
     for epoch in epochs:
-        counts = read_manifest(layout, epoch)["counts"]
+        counts = manifests[epoch]["counts"]
         lines.append(
             f"| {epoch_name(epoch)} | {counts['kept']:,} | {counts['dropped']:,} | "
             f"{counts['rejected']:,} | {counts['kept_loss_tokens']:,} |"
@@ -170,12 +197,36 @@ def dataset_card(layout: OutputLayout) -> str:
 
 
 def publish_version(layout: OutputLayout, epoch: int, staged: Path, manifest: dict) -> Path:
-    """Write the manifest last, move the version into place, then card and LATEST."""
+    """Write the manifest last, move the version into place, then card and LATEST.
+
+    Card and LATEST are written to temporary files before the move and renamed after it.
+    Refuses (``ConfigError``) a version folder or card holding files qtune did not write.
+    """
+    for name in (layout.card.name, layout.latest.name):  # left by a killed publication
+        for stale in layout.root.glob(f".{name}.tmp-*"):
+            stale.unlink(missing_ok=True)
     write_atomic(staged / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
     target = layout.data_dir(epoch)
-    publish_dir(staged, target)
+    newest = max([*published_epochs(layout), epoch])
+    prepared: list[tuple[Path, Path]] = []
+    try:
+        for path, text in (
+            (layout.card, dataset_card(layout, {epoch: manifest})),
+            (layout.latest, epoch_name(newest) + "\n"),
+        ):
+            prepared.append((_write_temporary(path, text), path))
+        publish_dir(staged, target, layout)
+    except BaseException:
+        for tmp, _ in prepared:
+            tmp.unlink(missing_ok=True)
+        raise
     fault_point("triage.moved")
-    write_atomic(layout.root / "README.md", dataset_card(layout))
-    newest = published_epochs(layout)[-1]
-    write_atomic(layout.root / "LATEST", epoch_name(newest) + "\n")
+    try:
+        for tmp, path in prepared:
+            _commit(tmp, path)
+    except OSError as e:
+        raise PipelineError(
+            f"{target} is published but {layout.card.name} / {layout.latest.name} could not be "
+            f"updated: {one_line(e)}; re-run the same command to finish"
+        ) from e
     return target

@@ -10,7 +10,8 @@ order that keeps every reader consistent:
 2. completion markers: a scored cache's ``_summary.json``, a version's ``manifest.json``;
 3. the dataset card ``README.md``;
 4. ``LATEST`` (one PUT: a reader sees the old or the new name, never half);
-5. only then, remote files the working copy no longer has (replaced versions, ``--restart``).
+5. only then, remote files this working copy synced before and no longer has (replaced
+   versions, ``--restart``); a remote file it has no record of is never deleted.
 
 Before a job (or ``report`` / ``verify`` / ``inspect`` / ``load_version``) the working copy is
 **pulled**. A record of what was last synced (size and mtime per file) is the common base of a
@@ -34,14 +35,22 @@ from pathlib import Path
 
 from qtune import storage
 from qtune.pipeline.errors import PipelineError
-from qtune.pipeline.layout import SCORE_SUMMARY, SYNCED, OutputLayout
+from qtune.pipeline.layout import (
+    CARD,
+    LATEST,
+    MANIFEST,
+    SCORE_CONFIG,
+    SCORE_SUMMARY,
+    SYNCED,
+    OutputLayout,
+)
 
 logger = logging.getLogger(__name__)
 
 SYNC_RECORD = ".qtune-sync.json"
 # What a trainer choosing a version needs (then only that version's folder).
-CONSUMED = ("LATEST", "README.md", "data/*/manifest.json")
-_SMALL_MUTABLE = {"README.md", "LATEST", "manifest.json", SCORE_SUMMARY, "_config.json"}
+CONSUMED = (LATEST, CARD, f"data/*/{MANIFEST}")
+_SMALL_MUTABLE = {CARD, LATEST, MANIFEST, SCORE_SUMMARY, SCORE_CONFIG}
 _THREADS = 8
 
 
@@ -80,11 +89,11 @@ def output_layout(
 
 def _commit_rank(relative: str) -> int:
     """Upload order: data, then completion markers, then the card, then LATEST."""
-    if relative == "LATEST":
+    if relative == LATEST:
         return 3
-    if relative == "README.md":
+    if relative == CARD:
         return 2
-    if relative.rsplit("/", 1)[-1] in ("manifest.json", SCORE_SUMMARY):
+    if relative.rsplit("/", 1)[-1] in (MANIFEST, SCORE_SUMMARY):
         return 1
     return 0
 
@@ -186,10 +195,21 @@ def _push(layout: OutputLayout) -> int:
             for relative in names:
                 record[relative] = list(local[relative])
             _write_record(layout, record)
-    stale = sorted(set(remote) - set(local))
+    # Only what this working copy synced before and has removed since (a replaced version,
+    # --restart): a remote file qtune has no record of is someone else's and stays.
+    gone = set(remote) - set(local)
+    stale = sorted(r for r in gone if r in record)
     for relative in stale:
         storage.remove(_remote(layout, relative))
         record.pop(relative, None)
+    unknown = sorted(gone - set(stale))
+    if unknown:
+        logger.warning(
+            "left %d file(s) in %s that this working copy has no record of (first: %s)",
+            len(unknown),
+            layout.name,
+            unknown[0],
+        )
     _write_record(layout, {k: v for k, v in record.items() if k in local})
     if uploaded or stale:
         logger.info(
@@ -261,10 +281,10 @@ def _pull(layout: OutputLayout, only: tuple[str, ...]) -> int:
 def read_latest(layout: OutputLayout) -> str | None:
     """The remote's LATEST as it is now (read directly: polling never touches the copy)."""
     if layout.remote is None:
-        path = layout.root / "LATEST"
+        path = layout.latest
         return path.read_text().strip() if path.is_file() else None
     try:
-        return storage.read_bytes(_remote(layout, "LATEST")).decode().strip()
+        return storage.read_bytes(_remote(layout, LATEST)).decode().strip()
     except FileNotFoundError:
         return None
 

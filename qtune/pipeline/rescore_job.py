@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from qtune.pipeline.config import QTuneConfig
+from qtune.pipeline.config import QTuneConfig, check_output_location
 from qtune.pipeline.errors import PipelineError
 from qtune.pipeline.layout import OutputLayout, epoch_name, partition_of_part
 from qtune.pipeline.lock import OutputLock
@@ -96,6 +96,7 @@ def rescore_plan(
         },
         source_rows=parent.source_rows,
         unreadable=parent.unreadable_sources,
+        skipped=parent.skipped_inputs,
     )
 
 
@@ -107,6 +108,7 @@ def run_rescore(
     Resumes an interrupted re-score of the same epoch and checkpoint; ``restart`` discards one
     made with another checkpoint or settings.
     """
+    check_output_location(cfg)
     layout = output_layout(cfg.output.dir, cfg.output.work_dir, pull=False)
     with OutputLock(layout.lock_file, "qtune rescore"):
         pull_remote(layout)
@@ -132,6 +134,9 @@ def _rescore(
             f"no scored cache before epoch {epoch} in {layout.name}; run `qtune run` first"
         )
     source_epoch = earlier[-1]
+    layout.check_publishable(
+        layout.scores_dir(epoch), layout.rejects_dir(epoch), layout.data_dir(epoch)
+    )
     resolved = resolve_checkpoint(
         checkpoint, base_model=cfg.model.path, cache_dir=layout.root / ".cache" / "merged"
     )
@@ -160,6 +165,8 @@ def _rescore(
                 "kind": resolved.kind,
                 "fingerprint": resolved.fingerprint,
                 "model_dir": str(resolved.model_dir),
+                "base": str(resolved.base) if resolved.base else None,
+                "warnings": list(resolved.warnings),
             },
             "token_ids_from": epoch_name(source_epoch),
         },

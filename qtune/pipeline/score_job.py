@@ -10,10 +10,10 @@ published into ``scores/epoch_NNN`` and ``rejects/epoch_NNN`` only when complete
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 import warnings
@@ -27,8 +27,8 @@ import pyarrow.parquet as pq
 
 from qtune import schema, storage
 from qtune.faults import fault_point
-from qtune.pipeline.config import QTuneConfig
-from qtune.pipeline.errors import PipelineError
+from qtune.pipeline.config import QTuneConfig, check_output_location
+from qtune.pipeline.errors import PipelineError, one_line
 from qtune.pipeline.layout import SCORE_SUMMARY, OutputLayout
 from qtune.pipeline.lock import OutputLock
 from qtune.pipeline.progress import StageTimings, StepProgress
@@ -55,7 +55,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["PipelineError", "ScoreSummary", "run_score", "execute_scoring"]
 
 # Bump when the scored cache's content for the same input, model and settings changes.
-CACHE_FORMAT = "4"
+CACHE_FORMAT = "5"  # 5: exact loss spans for every template (chat_spans), tool calls
 
 
 @dataclass
@@ -83,6 +83,8 @@ class ScoreSummary:
     reused: bool = False  # the whole cache was already complete: nothing was scored
     source_rows: dict[str, int] = field(default_factory=dict)  # input rows per source file
     unreadable_sources: list[dict[str, str]] = field(default_factory=list)
+    # Files in the input folders that are not read, and why ({path, reason}).
+    skipped_inputs: list[dict[str, str]] = field(default_factory=list)
     fingerprint: dict[str, str] = field(default_factory=dict)
     limit: int | None = None  # --limit: only the first N input rows were read (a partial run)
     stages: list[dict] = field(default_factory=list)  # per-stage wall time and rows
@@ -121,8 +123,12 @@ def scoring_options(cfg: QTuneConfig, model_path: str | Path | None = None) -> S
     )
 
 
-def _resolve_sources(cfg: QTuneConfig) -> list[tuple[ingest.Source, str | None]]:
-    sources = ingest.discover_sources(cfg.input.path)
+def _resolve_sources(
+    cfg: QTuneConfig,
+) -> tuple[list[tuple[ingest.Source, str | None]], list[dict[str, str]]]:
+    """The input files with their row format, and the files of the input folders skipped."""
+    sources, skipped = ingest.discover_inputs(cfg.input.path)
+    ingest.log_skipped(skipped)
     resolved = []
     for source in sources:
         fmt: str | None = cfg.input.format
@@ -134,7 +140,8 @@ def _resolve_sources(cfg: QTuneConfig) -> list[tuple[ingest.Source, str | None]]
             if fmt is None:
                 logger.warning("%s: no row in a known format among the first rows", source.path)
         resolved.append((source, fmt))
-    return resolved
+    skipped_records = [{"path": storage.without_query(e.path), "reason": e.reason} for e in skipped]
+    return resolved, skipped_records
 
 
 def _gpu_visible_here() -> bool:
@@ -152,8 +159,11 @@ def _gpu_visible_here() -> bool:
     )
 
 
-def preflight(cfg: QTuneConfig) -> list[tuple[ingest.Source, str | None]]:
-    """Every check that can fail before any work starts."""
+def preflight(
+    cfg: QTuneConfig,
+) -> tuple[list[tuple[ingest.Source, str | None]], list[dict[str, str]]]:
+    """Every check that can fail before any work starts. Returns the input files with their row
+    format, and the files of the input folders that are skipped (with why)."""
     model_path = Path(cfg.model.path)
     if not model_path.is_dir():
         raise PipelineError(
@@ -163,13 +173,13 @@ def preflight(cfg: QTuneConfig) -> list[tuple[ingest.Source, str | None]]:
     if cfg.scoring.backend == "vllm" and not cfg.ray.address:
         # Embedded Ray runs on this machine: whether it has a GPU is known before Ray starts.
         check_vllm_can_serve(str(model_path.absolute()), on_cpu=not _gpu_visible_here())
-    sources = _resolve_sources(cfg)
+    sources, skipped = _resolve_sources(cfg)
     check_tokenizer_serves(
         str(model_path.absolute()),
         resolve_chat_template(cfg.model.chat_template),
         {fmt for _, fmt in sources if fmt is not None},
     )
-    return sources
+    return sources, skipped
 
 
 def scoring_fingerprint(cfg: QTuneConfig, model_path: str, input_key: str) -> dict[str, str]:
@@ -194,7 +204,10 @@ def scoring_fingerprint(cfg: QTuneConfig, model_path: str, input_key: str) -> di
 
 
 def plan_input(
-    cfg: QTuneConfig, sources: list[tuple[ingest.Source, str | None]], limit: int | None = None
+    cfg: QTuneConfig,
+    sources: list[tuple[ingest.Source, str | None]],
+    limit: int | None = None,
+    skipped: list[dict[str, str]] | None = None,
 ) -> ScoringPlan:
     """Partition every source; an unreadable one is reported (or fatal under input.strict).
 
@@ -239,6 +252,7 @@ def plan_input(
         fingerprint=fingerprint,
         source_rows=source_rows,
         unreadable=unreadable,
+        skipped=skipped or [],
         limit=limit,
     )
 
@@ -424,13 +438,25 @@ def check_output_dir(
 
 
 def discard_outputs(layout: OutputLayout) -> None:
-    """``--restart``: remove everything qtune wrote into the output dir (never the input)."""
-    for path in layout.derived_paths():
-        logger.warning("removing %s", path)
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
+    """``--restart``: remove every file qtune wrote into the output dir, as its own records
+    list them (``OutputLayout.qtune_files``); any other file stays, and the log says which."""
+    owned = layout.qtune_files()
+    for path in sorted(owned):
+        path.unlink(missing_ok=True)
+    layout.remove_empty_folders()
+    if owned:
+        logger.warning("discarded %d file(s) qtune wrote in %s", len(owned), layout.root)
+    kept = layout.foreign_files()
+    if kept:
+        shown = ", ".join(str(p.relative_to(layout.root)) for p in kept[:5])
+        more = f" and {len(kept) - 5} more" if len(kept) > 5 else ""
+        logger.warning(
+            "kept %d file(s) in %s that qtune did not write: %s%s",
+            len(kept),
+            layout.root,
+            shown,
+            more,
+        )
 
 
 def run_score(
@@ -441,22 +467,27 @@ def run_score(
     Resumes an interrupted run of the same command; re-uses a complete cache for the same
     input, model and settings. ``limit``: only the first N input rows (a partial trial run).
     """
+    check_output_location(cfg)
     layout = output_layout(cfg.output.dir, cfg.output.work_dir, pull=False)
     with OutputLock(layout.lock_file, "qtune score"):
         pull_remote(layout)
         check_writable(layout)
-        if restart:
-            discard_outputs(layout)
+        # What this epoch's scoring (and the triage after it) replaces.
+        layout.check_publishable(
+            layout.scores_dir(epoch), layout.rejects_dir(epoch), layout.data_dir(epoch)
+        )
         timings = StageTimings()
         with timings.stage("plan input"):
-            sources = preflight(cfg)
-            plan = plan_input(cfg, sources, limit)
+            sources, skipped = preflight(cfg)
+            plan = plan_input(cfg, sources, limit, skipped)
         timings.stages[-1].rows = plan.rows
         if not plan.partitions:
             if plan.unreadable:
                 names = "; ".join(u["error"] for u in plan.unreadable[:3])
                 raise PipelineError(f"no input file could be read: {names}")
             raise PipelineError(f"input.path {cfg.input.path!r} holds no rows (empty input)")
+        if restart:  # only once every check passed
+            discard_outputs(layout)
         existing = check_output_dir(layout, plan, epoch)
         if existing is not None:
             logger.info(
@@ -508,11 +539,51 @@ def execute_scoring(
     only). ``carried_rejects``: a previous epoch's rejects, copied in (re-scoring never sees
     those rows, yet every version must account for every input row).
     """
-    started = time.perf_counter()
     layout = output_layout(cfg.output.dir, cfg.output.work_dir, pull=False)
     # On a cluster the writer tasks run on other machines: a remote output's fragments go to its
     # storage, where every node (and the driver) can reach them.
     state = ScoringState(layout.scoring_state(epoch, shared=bool(cfg.ray.address)), plan)
+    try:
+        return _execute_scoring(
+            cfg,
+            epoch,
+            model_path,
+            plan,
+            build,
+            layout,
+            state,
+            n_sources=n_sources,
+            raw_text=raw_text,
+            carried_rejects=carried_rejects,
+            extra=extra,
+            restart=restart,
+            stages=stages,
+        )
+    except OSError as e:
+        raise PipelineError(
+            f"scoring into {layout.name} failed: {one_line(e)}. Finished partitions are kept in "
+            f"{state.layout.root}: fix the cause (free disk space) and re-run the same command "
+            "to resume"
+        ) from e
+
+
+def _execute_scoring(
+    cfg: QTuneConfig,
+    epoch: int,
+    model_path: str,
+    plan: ScoringPlan,
+    build: Callable[[list[dict[str, Any]], Path], ray.data.Dataset],
+    layout: OutputLayout,
+    state: ScoringState,
+    *,
+    n_sources: int,
+    raw_text: RawTextReader | None,
+    carried_rejects: Path | None,
+    extra: dict | None,
+    restart: bool,
+    stages: list[dict] | None,
+) -> ScoreSummary:
+    started = time.perf_counter()
     state.open(restart=restart)
     if state.finalized:
         summary = ScoreSummary.from_json((state.layout.scores / SCORE_SUMMARY).read_text())
@@ -538,12 +609,13 @@ def execute_scoring(
         summary.resumed_partitions = state.resumed
         summary.source_rows = plan.source_rows
         summary.unreadable_sources = plan.unreadable
+        summary.skipped_inputs = plan.skipped
         summary.fingerprint = plan.fingerprint
         summary.limit = plan.limit
         summary.stages = timings.to_list()
         summary.extra = extra or {}
         state.finalize(summary.to_json(), cfg.to_json(), carried)
-    state.publish(layout.rejects_dir(epoch), layout.scores_dir(epoch))
+    state.publish(layout.rejects_dir(epoch), layout.scores_dir(epoch), owner=layout)
     push(layout)
     if state.layout.shared_fragments:
         storage.remove_tree(state.layout.shared_fragments)
@@ -570,8 +642,12 @@ def _score_pending(
         configure_ray_data()
         dataset = build(pending, state.layout.fragments)
         total = sum(p["row_count"] for p in pending)
-        with StepProgress("scoring", total) as progress:
-            for fragments in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+        # Closed on the way out: an error in this loop (a full disk while a partition is
+        # completed) stops the streaming executor now, before ray.shutdown(), not whenever the
+        # iterator held by the error's traceback is garbage collected.
+        batches = iter(dataset.iter_batches(batch_size=None, batch_format="pyarrow"))
+        with StepProgress("scoring", total) as progress, contextlib.closing(batches):
+            for fragments in batches:
                 state.record(fragments)
                 progress.advance(
                     int(pc.sum(fragments.column("rows")).as_py() or 0),
@@ -586,7 +662,58 @@ def _score_pending(
         ) from e
     finally:
         if we_started_ray:
+            if not cfg.ray.address:  # embedded: ray.shutdown() stops the raylet itself
+                wait_for_released_actors()
             ray.shutdown()
+
+
+def wait_for_released_actors(timeout_s: float = 60.0) -> None:
+    """Wait until the processes of this job's finished actors have exited (embedded Ray).
+
+    When a dataset finishes, Ray Data releases its actor pool: Ray marks each actor DEAD at once,
+    but its process is still exiting (the UDF's ``__del__`` shuts the engine down, then Ray's core
+    worker tears itself down). ``ray.shutdown()`` of an embedded cluster in that window stops the
+    raylet under it: the worker's "raylet failed" exit then races its own graceful one and can
+    abort ("Mutex corrupt", SIGABRT, "Fatal Python error: Aborted" in the log of a good run), or
+    cut the engine's shutdown short. Best effort: gives up after ``timeout_s``, never raises.
+    """
+    import ray
+
+    try:
+        from ray._private import state  # an actor's pid, without the dashboard's state API
+
+        job = ray.get_runtime_context().get_job_id()
+        pids = {
+            actor["Pid"]
+            for actor in state.actors(actor_state_name="DEAD").values()
+            if actor["JobID"] == job and not actor["IsDetached"] and actor["Pid"]
+        }
+    except Exception as e:  # noqa: BLE001 - teardown in a finally: never mask the run's outcome
+        logger.debug("could not list this job's finished actors (%s); not waiting", e)
+        return
+    deadline = time.monotonic() + timeout_s
+    while pids := {pid for pid in pids if not _process_gone(pid)}:
+        if time.monotonic() > deadline:
+            logger.debug("actor processes %s still exiting after %g s", sorted(pids), timeout_s)
+            return
+        time.sleep(0.05)
+
+
+def _process_gone(pid: int) -> bool:
+    """True once ``pid`` has exited (a zombie has: its parent, the raylet, reaps it later)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    except OSError:  # no /proc (macOS): ask the kernel whether the pid exists
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+    return stat[stat.rfind(")") + 2] == "Z"
 
 
 def summarise(

@@ -34,6 +34,7 @@ from qtune.pipeline.errors import PipelineError
 from qtune.pipeline.layout import (
     SCORE_CONFIG,
     SCORE_SUMMARY,
+    OutputLayout,
     ScoringStateLayout,
     partition_of_part,
     publish_dir,
@@ -58,6 +59,7 @@ class ScoringPlan:
     fingerprint: dict[str, str]  # named parts, so a mismatch can say what changed
     source_rows: dict[str, int] = field(default_factory=dict)
     unreadable: list[dict[str, str]] = field(default_factory=list)  # [{path, error}]
+    skipped: list[dict[str, str]] = field(default_factory=list)  # [{path, reason}]: not inputs
     limit: int | None = None  # --limit: only the first N input rows (a partial run)
 
     @property
@@ -336,13 +338,19 @@ class ScoringState:
         write_atomic(self.layout.scores / SCORE_CONFIG, config_json)
         write_atomic(self.layout.scores / SCORE_SUMMARY, summary_json)
 
-    def publish(self, rejects_dir: Path, scores_dir: Path) -> None:
-        """Move rejects, then the scored cache (whose summary marks completion) into place."""
+    def publish(
+        self, rejects_dir: Path, scores_dir: Path, owner: OutputLayout | None = None
+    ) -> None:
+        """Move rejects, then the scored cache (whose summary marks completion) into place.
+
+        ``owner``: the output directory; a folder there holding files qtune did not write is
+        refused, not replaced (``publish_dir``).
+        """
         if self.layout.rejects.is_dir():
-            publish_dir(self.layout.rejects, rejects_dir)
+            publish_dir(self.layout.rejects, rejects_dir, owner)
         fault_point("score.rejects_published")
         if self.layout.scores.is_dir():
-            publish_dir(self.layout.scores, scores_dir)
+            publish_dir(self.layout.scores, scores_dir, owner)
 
 
 def _move_into(source: str, target: Path) -> None:

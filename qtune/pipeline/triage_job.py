@@ -23,8 +23,8 @@ import pyarrow.parquet as pq
 
 from qtune import schema
 from qtune.faults import fault_point
-from qtune.pipeline.config import QTuneConfig, QTuningConfig
-from qtune.pipeline.errors import PipelineError
+from qtune.pipeline.config import QTuneConfig, QTuningConfig, check_output_location
+from qtune.pipeline.errors import PipelineError, one_line
 from qtune.pipeline.layout import DROPPED_INDEX, VERSION_TRAIN, OutputLayout, epoch_name
 from qtune.pipeline.lock import OutputLock
 from qtune.pipeline.progress import StageTimings, StepProgress
@@ -76,6 +76,7 @@ class TriageSummary:
     migration: dict | None = None
     per_source: dict[str, dict[str, int]] = field(default_factory=dict)
     unreadable_sources: list[dict[str, str]] = field(default_factory=list)
+    skipped_inputs: list[dict[str, str]] = field(default_factory=list)
     stages: list[dict] = field(default_factory=list)  # scoring's stages, then triage's
     coverage: dict = field(default_factory=dict)  # per group: input vs kept share
     limit: int | None = None  # a partial (--limit) run
@@ -203,10 +204,13 @@ def sample_groups(stats: pa.Table, group_by: str | None) -> np.ndarray:
             f"qtuning.group_by {group_by!r}: this scored cache has no input fields (it was "
             "scored by an older qtune); re-score it or use group_by: file"
         )
+    # Decoded into a struct holding that one field (as text), never pasted into a JSON path:
+    # a field name may hold any character ("$..*", "a.b", quotes).
     values = (
         pl.from_arrow(stats.select([schema.METADATA]))
         .get_column(schema.METADATA)
-        .str.json_path_match(f"$.{group_by}")
+        .str.json_decode(dtype=pl.Struct({group_by: pl.String}))
+        .struct.field(group_by)
         .fill_null(f"(no {group_by})")
     )
     if (values == f"(no {group_by})").all():
@@ -316,6 +320,7 @@ def run_triage(
 ) -> TriageSummary:
     """Triage the scored cache of ``epoch`` (default: the newest) and publish ``data/epoch_NNN``
     into ``out_dir`` (default: ``output.dir``)."""
+    check_output_location(cfg, str(out_dir) if out_dir is not None else None)
     source = output_layout(cfg.output.dir, cfg.output.work_dir, pull=False)
     target = output_layout(out_dir, pull=False) if out_dir else source
     with OutputLock(target.lock_file, "qtune triage"):
@@ -342,6 +347,7 @@ def _triage(
             f"no scored cache in {scores_dir}; run `qtune score` or `qtune run` first"
         )
     score_summary = json.loads(source.score_summary(epoch).read_text())
+    target.check_publishable(target.data_dir(epoch))
     q = cfg.qtuning
 
     stages = StageTimings()
@@ -390,7 +396,12 @@ def _triage(
     )
 
     tick = time.perf_counter()
-    staging = target.new_staging_dir(f"triage-{epoch:03d}")
+    try:
+        staging = target.new_staging_dir(f"triage-{epoch:03d}")
+    except OSError as e:
+        raise PipelineError(
+            f"could not publish {epoch_name(epoch)} into {target.name}: {one_line(e)}"
+        ) from e
     try:
         n_kept = int(decisions.kept.sum())
         if n_kept == 0:
@@ -476,6 +487,7 @@ def _triage(
             },
             "counts": counts,
             "unreadable_sources": score_summary.get("unreadable_sources", []),
+            "skipped_inputs": score_summary.get("skipped_inputs", []),
             "quadrants": quadrants,
             "thresholds": decisions.thresholds,
             "qtuning": q.model_dump(mode="json"),
@@ -498,6 +510,12 @@ def _triage(
         version_dir = publish_version(target, epoch, staging, manifest)
         push(target)
         stages.add("publish", time.perf_counter() - tick)
+    except OSError as e:
+        raise PipelineError(
+            f"could not publish {epoch_name(epoch)} into {target.name}: {one_line(e)}; nothing "
+            "was published (the previous version, if any, is unchanged) and the partial files "
+            "are removed"
+        ) from e
     finally:
         target.remove_staging_dir(staging)
     return TriageSummary(
@@ -517,6 +535,7 @@ def _triage(
         migration=migration,
         per_source=counts.get("per_source", {}),
         unreadable_sources=score_summary.get("unreadable_sources", []),
+        skipped_inputs=score_summary.get("skipped_inputs", []),
         files=len(shard_files),
         stages=score_summary.get("stages", []) + stages.to_list(),
         coverage=group_coverage,

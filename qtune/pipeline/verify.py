@@ -13,7 +13,10 @@ traceback. It checks:
    lengths; ``length == len(input_ids)``; loss_mask is 0/1 and ``== (labels != -100)``;
    ``labels == input_ids`` where the mask is 1; ``num_loss_tokens == sum(loss_mask)``; every kept
    sample has a loss token. Each kind of problem gives its count of rows and up to 5 sample ids.
-4. Token budget, when the epoch's scored cache is present and is the one the version was triaged
+4. Loss masks (``mask_check``): re-derived from the input rows with the version's tokenizer and
+   chat template for a sample of kept rows (all with ``full``); loss on a token that is not the
+   assistant's, or response positions that differ, is a problem.
+   Token budget, when the epoch's scored cache is present and is the one the version was triaged
    from: a token-pruned sample keeps at most ``max(1, floor(token_ratio * n_response))`` loss
    tokens, any other sample all ``n_response`` of them.
 5. Counts: rows and loss tokens per file, kept, dropped, kept loss tokens, kept (and kept loss
@@ -44,6 +47,7 @@ import yaml
 
 from qtune import schema, storage
 from qtune.pipeline.layout import VERSION_TRAIN, OutputLayout, epoch_name
+from qtune.pipeline.mask_check import DEFAULT_SAMPLE, check_masks
 from qtune.pipeline.publish import MANIFEST, latest_epoch, read_manifest
 from qtune.pipeline.remote_sync import output_layout
 from qtune.stages.eu_plane import keep_count
@@ -114,8 +118,12 @@ class VerifyReport:
         self.checks[key] = self.checks.get(key, 0) + int(n)
 
 
-def verify_version(output_dir: str | Path, epoch: int | None = None) -> VerifyReport:
+def verify_version(
+    output_dir: str | Path, epoch: int | None = None, full: bool = False
+) -> VerifyReport:
     """Check one published version (default: LATEST's) and return every problem found.
+
+    Loss masks are re-derived from the input for a sample of kept rows (``full``: every one).
 
     Raises ``VerifyError`` when there is nothing to verify (no such directory, no published
     version, a missing or unreadable manifest); every other defect is a problem in the report.
@@ -155,6 +163,7 @@ def verify_version(output_dir: str | Path, epoch: int | None = None) -> VerifyRe
     kept_index, shard_totals = _check_shards(version, files, report)
     dropped = _check_dropped(version, dropped_entry, report)
     _check_token_budget(layout, epoch, manifest, kept_index, report)
+    _check_masks(layout, epoch, manifest, files, kept_index, full, report)
     _check_counts(layout, epoch, manifest, kept_index, shard_totals, dropped, report)
     _check_card(layout, epoch, [version / f["path"] for f in files], report)
     return report
@@ -497,6 +506,30 @@ def _check_token_budget(
             f"n_response_tokens: {named}"
         )
     report._count("budget_rows", int((~unknown).sum()))
+
+
+def _check_masks(
+    layout: OutputLayout,
+    epoch: int,
+    manifest: dict[str, Any],
+    files: list[dict[str, Any]],
+    kept: pa.Table,
+    full: bool,
+    report: VerifyReport,
+) -> None:
+    version = layout.data_dir(epoch)
+    result = check_masks(
+        layout,
+        epoch,
+        manifest,
+        [version / f["path"] for f in files],
+        kept.column(schema.SAMPLE_ID).to_pylist(),
+        None if full else DEFAULT_SAMPLE,
+    )
+    report.problems += result.problems
+    report.notes += result.notes
+    if result.rows:
+        report._count("masks_rederived", result.rows)
 
 
 # --- 5. counts ------------------------------------------------------------------------------------

@@ -19,19 +19,20 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import io
 import json
 import logging
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import pyarrow as pa
 
 from qtune import schema, storage
-from qtune.schema import RejectReason
+from qtune.schema import RejectReason, RowRejected
 
 logger = logging.getLogger(__name__)
 
@@ -63,13 +64,6 @@ class Source:
     kind: str  # "jsonl" | "json" | "parquet" | "hf_dataset"
 
 
-class RowError(Exception):
-    def __init__(self, reason: RejectReason, detail: str):
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
-
-
 # --- discovery ----------------------------------------------------------------------------------
 
 
@@ -77,8 +71,24 @@ def _is_saved_dataset(path: Path) -> bool:
     return (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
 
 
+# Compressed files are read through a decompressing stream (pyarrow's codecs).
+COMPRESSION_SUFFIXES = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd", ".bz2": "bz2"}
+
+
+def compression_of(location: str) -> str | None:
+    """The codec of a compressed input file, by its name (None: not compressed)."""
+    name = storage.name(location).lower()
+    return next((c for s, c in COMPRESSION_SUFFIXES.items() if name.endswith(s)), None)
+
+
 def _kind_of_file(path: Path) -> str | None:
     name = path.name.lower()
+    for suffix in COMPRESSION_SUFFIXES:
+        if name.endswith(suffix):
+            name = name.removesuffix(suffix)
+            if name.endswith(".parquet"):
+                return None  # Parquet compresses inside the file; a compressed one is not read
+            break
     if name.endswith(_JSONL_SUFFIXES):
         return "jsonl"
     if name.endswith(".json") and name not in {"dataset_info.json", "state.json"}:
@@ -88,55 +98,118 @@ def _kind_of_file(path: Path) -> str | None:
     return None
 
 
+_SUPPORTED = (
+    "expected .jsonl, .ndjson, .json or .parquet (JSON may be .gz, .zst or .bz2 compressed) or "
+    "a datasets save_to_disk directory"
+)
+
+
+@dataclass(frozen=True)
+class SkippedInput:
+    """A file inside an input folder that is not read, and why (listed in the manifest)."""
+
+    path: str
+    reason: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"path": self.path, "reason": self.reason}
+
+
 def discover_sources(paths: str | list[str]) -> list[Source]:
     """Expand files, folders and globs into sorted, de-duplicated sources. Raises InputError.
 
-    Each may be a local path or a filesystem URI (``s3://bucket/corpus/*.jsonl``).
+    Each may be a local path or a filesystem URI (``s3://bucket/corpus/*.jsonl``). Files in
+    folders that are not read are logged; ``discover_inputs`` also returns them.
     """
+    sources, skipped = discover_inputs(paths)
+    log_skipped(skipped)
+    return sources
+
+
+def log_skipped(skipped: list[SkippedInput]) -> None:
+    """A warning per skipped file; hidden metadata names (``_SUCCESS``, ``.git``) only at info."""
+    for entry in skipped:
+        level = logging.INFO if entry.reason == HIDDEN_REASON else logging.WARNING
+        logger.log(level, "input %s skipped: %s", storage.without_query(entry.path), entry.reason)
+
+
+def discover_inputs(paths: str | list[str]) -> tuple[list[Source], list[SkippedInput]]:
+    """``discover_sources``, and every file of the input folders and globs that is skipped,
+    with why (an unsupported type, a dangling symlink, a hidden metadata name)."""
     specs = [paths] if isinstance(paths, str) else list(paths)
     found: dict[str, Source] = {}
+    skipped: dict[str, SkippedInput] = {}
     for spec in specs:
         if storage.is_remote(spec):
-            found.update(_discover_remote(spec))
+            remote_found, remote_skipped = _discover_remote(spec)
+            found.update(remote_found)
+            skipped.update((s.path, s) for s in remote_skipped)
             continue
-        matches = sorted(glob.glob(spec, recursive=True)) if glob.has_magic(spec) else [spec]
+        globbed = glob.has_magic(spec)
+        matches = sorted(glob.glob(spec, recursive=True)) if globbed else [spec]
         if not matches:
             raise InputError(f"input.path {spec!r} matches no file")
         for match in matches:
             path = Path(match)
             if not path.exists():
+                if globbed and path.is_symlink():
+                    skipped[match] = SkippedInput(match, "dangling symlink (its target is gone)")
+                    continue
                 raise InputError(f"input.path {spec!r}: {path} does not exist")
             if path.is_dir() and _is_saved_dataset(path):
                 found[str(path)] = Source(str(path), "hf_dataset")
             elif path.is_dir():
-                for child in sorted(path.rglob("*")):
-                    if _hidden(child, path):
-                        continue
-                    if child.is_dir() and _is_saved_dataset(child):
-                        found[str(child)] = Source(str(child), "hf_dataset")
-                    elif child.is_file() and not _inside_saved_dataset(child, path):
-                        kind = _kind_of_file(child)
-                        if kind:
-                            found[str(child)] = Source(str(child), kind)
+                _walk_folder(path, found, skipped)
             else:
                 kind = _kind_of_file(path)
+                if kind is None and globbed:
+                    skipped[match] = SkippedInput(match, f"unsupported file type ({_SUPPORTED})")
+                    continue
                 if kind is None:
-                    raise InputError(
-                        f"{path}: unsupported file type (expected .jsonl, .json, .parquet or a "
-                        "datasets save_to_disk directory)"
-                    )
+                    raise InputError(f"{path}: unsupported file type ({_SUPPORTED})")
                 found[str(path)] = Source(str(path), kind)
     if not found:
-        raise InputError(f"input.path {paths!r} contains no readable input files")
-    return [found[k] for k in sorted(found)]
+        listed = "; ".join(f"{s.path}: {s.reason}" for s in list(skipped.values())[:3])
+        raise InputError(
+            f"input.path {paths!r} contains no readable input files"
+            + (f" (skipped {len(skipped)}: {listed})" if skipped else "")
+        )
+    return [found[k] for k in sorted(found)], [skipped[k] for k in sorted(skipped)]
 
 
-def _discover_remote(spec: str) -> dict[str, Source]:
+def _walk_folder(root: Path, found: dict[str, Source], skipped: dict[str, SkippedInput]) -> None:
+    for child in sorted(root.rglob("*")):
+        hidden = _hidden_part(child.relative_to(root).parts)
+        if hidden is not None:
+            # Reported once per hidden entry (not every file of a .git folder).
+            first_hidden = str(root.joinpath(*hidden))
+            skipped.setdefault(first_hidden, SkippedInput(first_hidden, HIDDEN_REASON))
+            continue
+        if child.is_dir() and _is_saved_dataset(child):
+            found[str(child)] = Source(str(child), "hf_dataset")
+        elif child.is_dir() or _inside_saved_dataset(child, root):
+            continue
+        elif child.is_symlink() and not child.exists():
+            skipped[str(child)] = SkippedInput(str(child), "dangling symlink (its target is gone)")
+        elif not child.is_file():
+            skipped[str(child)] = SkippedInput(str(child), "not a regular file")
+        else:
+            kind = _kind_of_file(child)
+            if kind:
+                found[str(child)] = Source(str(child), kind)
+            else:
+                skipped[str(child)] = SkippedInput(
+                    str(child), f"unsupported file type ({_SUPPORTED})"
+                )
+
+
+def _discover_remote(spec: str) -> tuple[dict[str, Source], list[SkippedInput]]:
     try:
         matches = storage.glob(spec) if storage.has_magic(spec) else [spec]
         if not matches:
             raise InputError(f"input.path {storage.without_query(spec)!r} matches no file")
         found: dict[str, Source] = {}
+        skipped: dict[str, SkippedInput] = {}
         for match in matches:
             shown = storage.without_query(match)
             if storage.is_dir(match):
@@ -147,33 +220,78 @@ def _discover_remote(spec: str) -> dict[str, Source]:
                         "locally, or give its data as Parquet/JSONL files"
                     )
                 for relative in sorted(files):
-                    if any(part.startswith((".", "_")) for part in relative.split("/")):
+                    parts = relative.split("/")
+                    hidden = _hidden_part(parts)
+                    if hidden is not None:
+                        where = storage.join(shown, *hidden)
+                        skipped.setdefault(where, SkippedInput(where, HIDDEN_REASON))
                         continue
                     kind = _kind_of_file(Path(relative))
+                    location = storage.join(match, relative)
                     if kind:
-                        location = storage.join(match, relative)
                         found[location] = Source(location, kind)
+                    else:
+                        where = storage.without_query(location)
+                        skipped[where] = SkippedInput(
+                            where, f"unsupported file type ({_SUPPORTED})"
+                        )
             elif storage.is_file(match):
                 kind = _kind_of_file(Path(storage.name(match)))
                 if kind is None:
-                    raise InputError(
-                        f"{shown}: unsupported file type (expected .jsonl, .json or .parquet)"
-                    )
+                    raise InputError(f"{shown}: unsupported file type ({_SUPPORTED})")
                 found[match] = Source(match, kind)
             elif not storage.has_magic(spec):
                 raise InputError(f"input.path {shown!r} does not exist")
-        return found
+        return found, list(skipped.values())
     except OSError as e:
         raise InputError(f"input.path {storage.without_query(spec)!r}: {e}") from e
 
 
-def _hidden(child: Path, root: Path) -> bool:
-    # As Spark and Hadoop do: names starting with "." or "_" are metadata, not data.
-    return any(part.startswith((".", "_")) for part in child.relative_to(root).parts)
+HIDDEN_REASON = "hidden name (starts with '.' or '_': metadata, not data, as Spark reads it)"
+
+
+def _hidden_part(parts: tuple[str, ...] | list[str]) -> tuple[str, ...] | None:
+    """The path parts up to the first hidden one (``.git``, ``_SUCCESS``), or None."""
+    for i, part in enumerate(parts):
+        if part.startswith((".", "_")):
+            return tuple(parts[: i + 1])
+    return None
 
 
 def _inside_saved_dataset(child: Path, root: Path) -> bool:
     return any(_is_saved_dataset(parent) for parent in child.parents if parent != root.parent)
+
+
+class _Decompressed(io.BufferedReader):
+    """A decompressing reader. Compressed streams cannot seek: the readers' one seek, made
+    before reading, skips by decompressing (a partition of a compressed file costs
+    decompressing everything before it)."""
+
+    _started = False
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence != io.SEEK_SET or self._started:
+            raise io.UnsupportedOperation("a compressed input seeks once, forward, before reading")
+        self._started = True
+        left = offset
+        while left > 0:
+            chunk = self.read(min(left, 1 << 20))
+            if not chunk:
+                break
+            left -= len(chunk)
+        return offset - left
+
+    def seekable(self) -> bool:
+        return False
+
+
+def _open_input(location: str) -> BinaryIO:
+    """A binary reader of an input file, decompressed when its name says it is compressed."""
+    codec = compression_of(location)
+    if codec is None:
+        return storage.open_input(location)
+    filesystem, path = storage.resolve(location)
+    return _Decompressed(filesystem.open_input_stream(path, compression=codec), 1 << 20)
 
 
 # --- partitions ---------------------------------------------------------------------------------
@@ -219,7 +337,7 @@ def _jsonl_partitions(
     rows = 0
     offset = 0
     start_offset = 0
-    with storage.open_input(path) as f:
+    with _open_input(path) as f:
         for line in f:
             if max_rows is not None and rows >= max_rows:
                 break
@@ -297,7 +415,7 @@ def _json_array_partitions(
     The planner reads the file once; each reader then decodes only its own byte range, so a
     huge array is scored in bounded partitions like JSONL.
     """
-    with storage.open_input(path) as f:
+    with _open_input(path) as f:
         text = _decode_text(f.read(), path)
     start = _array_start(text)
     if start is None:
@@ -423,26 +541,29 @@ def _plan_source(
 # Each reader yields lists of (row_index, value, raw_text_or_None, error_or_None) for the rows of
 # one partition, in order.
 
-RawRow = tuple[int, Any, str | None, RowError | None]
+RawRow = tuple[int, Any, str | None, RowRejected | None]
+_UTF8_BOM = b"\xef\xbb\xbf"
 
 
 def _jsonl_row(index: int, line: bytes) -> RawRow:
+    if line.startswith(_UTF8_BOM):  # editors write one at the start of a file
+        line = line[len(_UTF8_BOM) :]
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as e:
         raw = line.decode("utf-8", errors="replace")
-        return (index, None, raw, RowError(RejectReason.INVALID_UTF8, str(e)))
+        return (index, None, raw, RowRejected(RejectReason.INVALID_UTF8, str(e)))
     try:
         return (index, json.loads(text), text, None)
     except json.JSONDecodeError as e:
-        return (index, None, text, RowError(RejectReason.INVALID_JSON, str(e)))
+        return (index, None, text, RowRejected(RejectReason.INVALID_JSON, str(e)))
 
 
 def _iter_jsonl(partition: Partition, batch_rows: int) -> Iterator[list[RawRow]]:
     batch: list[RawRow] = []
     index = partition.row_start
     end = partition.row_start + partition.row_count
-    with storage.open_input(partition.source) as f:
+    with _open_input(partition.source) as f:
         f.seek(partition.byte_offset)
         for line in f:
             if index >= end:
@@ -462,7 +583,7 @@ def _iter_jsonl(partition: Partition, batch_rows: int) -> Iterator[list[RawRow]]
 def _iter_json_array(partition: Partition, batch_rows: int) -> Iterator[list[RawRow]]:
     """The partition's elements, decoding only its byte range (the whole file when it has
     none: format detection reads the first rows of an unplanned array)."""
-    with storage.open_input(partition.source) as f:
+    with _open_input(partition.source) as f:
         f.seek(partition.byte_offset)
         data = (
             f.read(partition.byte_end - partition.byte_offset) if partition.byte_end else f.read()
@@ -490,7 +611,7 @@ def _iter_json_array(partition: Partition, batch_rows: int) -> Iterator[list[Raw
 def _is_json_array(partition: Partition) -> bool:
     if partition.byte_end:
         return True  # planned as an array
-    with storage.open_input(partition.source) as f:
+    with _open_input(partition.source) as f:
         head = f.read(4096)
     return _array_start(head.decode("utf-8", errors="ignore")) is not None
 
@@ -586,49 +707,118 @@ def _check_text(text: Any, where: str) -> str:
             ):
                 parts.append(part["text"])
             else:
-                raise RowError(RejectReason.NON_STRING_CONTENT, f"{where}: non-text content part")
+                raise RowRejected(
+                    RejectReason.NON_STRING_CONTENT, f"{where}: non-text content part"
+                )
         text = "".join(parts)
     if not isinstance(text, str):
-        raise RowError(
+        raise RowRejected(
             RejectReason.NON_STRING_CONTENT,
             f"{where}: expected a string, got {type(text).__name__}",
         )
     if "\x00" in text:
-        raise RowError(RejectReason.INVALID_TEXT, f"{where}: contains a NUL character")
+        raise RowRejected(RejectReason.INVALID_TEXT, f"{where}: contains a NUL character")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise RowError(RejectReason.INVALID_TEXT, f"{where}: lone surrogate ({e.reason})") from e
+        raise RowRejected(RejectReason.INVALID_TEXT, f"{where}: lone surrogate ({e.reason})") from e
     return text
 
 
+def _tool_calls(value: Any, where: str) -> str:
+    """OpenAI-style tool calls -> their JSON text (what MESSAGE_TYPE stores). Raises RowRejected.
+
+    Each call is ``{"type": "function", "function": {"name", "arguments"}, "id"?}`` or the bare
+    ``{"name", "arguments"}``; ``arguments`` is a JSON string or an object, as templates accept.
+    """
+    if not isinstance(value, list) or not value:
+        raise RowRejected(
+            RejectReason.INVALID_TOOL_CALLS, f"{where}.tool_calls: expected a non-empty list"
+        )
+    for j, call in enumerate(value):
+        function = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise RowRejected(
+                RejectReason.INVALID_TOOL_CALLS,
+                f"{where}.tool_calls[{j}]: expected a function call with a string name",
+            )
+        arguments = function.get("arguments", {})
+        if not isinstance(arguments, str | dict):
+            raise RowRejected(
+                RejectReason.INVALID_TOOL_CALLS,
+                f"{where}.tool_calls[{j}].arguments: expected a JSON string or an object",
+            )
+        for text in (function["name"], arguments if isinstance(arguments, str) else ""):
+            _check_text(text, f"{where}.tool_calls[{j}]")
+    try:
+        return json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError) as e:
+        raise RowRejected(RejectReason.INVALID_TOOL_CALLS, f"{where}.tool_calls: {e}") from e
+
+
 def _turns(entries: Any, field: str, role_key: str, content_key: str) -> list[dict[str, str]]:
+    """Validated turns: ``role`` and ``content`` always, and where given ``reasoning_content``,
+    ``tool_calls`` (JSON text; assistant turns), ``tool_call_id`` and ``name`` (tool turns)."""
     if not isinstance(entries, list):
-        raise RowError(
+        raise RowRejected(
             RejectReason.MISSING_FIELD, f"{field}: expected a list, got {type(entries).__name__}"
         )
     if not entries:
-        raise RowError(RejectReason.EMPTY_MESSAGES, f"{field} is empty")
+        raise RowRejected(RejectReason.EMPTY_MESSAGES, f"{field} is empty")
     turns = []
     for i, entry in enumerate(entries):
+        where = f"{field}[{i}]"
         if not isinstance(entry, dict):
-            raise RowError(RejectReason.MISSING_FIELD, f"{field}[{i}] is not an object")
+            raise RowRejected(RejectReason.MISSING_FIELD, f"{where} is not an object")
         role = entry.get(role_key, entry.get("role", entry.get("from")))
         if not isinstance(role, str) or role.lower() not in ROLE_ALIASES:
-            raise RowError(
+            raise RowRejected(
                 RejectReason.UNKNOWN_ROLE,
-                f"{field}[{i}]: unknown role {role!r} (known: {', '.join(sorted(ROLE_ALIASES))})",
+                f"{where}: unknown role {role!r} (known: {', '.join(sorted(ROLE_ALIASES))})",
             )
+        role = ROLE_ALIASES[role.lower()]
         content = entry.get(content_key, entry.get("content", entry.get("value")))
-        turns.append(
-            {"role": ROLE_ALIASES[role.lower()], "content": _check_text(content, f"{field}[{i}]")}
-        )
+        calls = entry.get("tool_calls")
+        if calls is None and isinstance(entry.get("function_call"), dict):
+            calls = [{"type": "function", "function": entry["function_call"]}]  # legacy OpenAI
+        # A bare tool call keeps content None, as OpenAI sends it (templates test for it).
+        bare_call = role == "assistant" and calls is not None and content is None
+        turn = {"role": role, "content": None if bare_call else _check_text(content, where)}
+        if calls is not None:
+            if role != "assistant":
+                raise RowRejected(
+                    RejectReason.INVALID_TOOL_CALLS,
+                    f"{where}: tool_calls on a {role} turn (only assistant turns make calls)",
+                )
+            turn["tool_calls"] = _tool_calls(calls, where)
+        reasoning = entry.get("reasoning_content", entry.get("thinking"))  # gpt-oss: thinking
+        if reasoning is not None:
+            turn["reasoning_content"] = _check_text(reasoning, f"{where}.reasoning_content")
+        for key in ("tool_call_id", "name"):
+            if role == "tool" and isinstance(entry.get(key), str):
+                turn[key] = _check_text(entry[key], f"{where}.{key}")
+        turns.append(turn)
     return turns
+
+
+def _tools(row: dict) -> str | None:
+    """A row's tool schemas (``tools``: a list of objects, or that list as JSON text) as JSON."""
+    value = row.get("tools")
+    if value is None or value == "" or value == []:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise RowRejected(RejectReason.INVALID_TOOL_CALLS, f"tools: invalid JSON ({e})") from e
+    if not isinstance(value, list) or not all(isinstance(tool, dict) for tool in value):
+        raise RowRejected(RejectReason.INVALID_TOOL_CALLS, "tools: expected a list of objects")
+    return json.dumps(value, ensure_ascii=False)
 
 
 def _require(row: dict, key: str, fmt: str) -> Any:
     if key not in row:
-        raise RowError(
+        raise RowRejected(
             RejectReason.MISSING_FIELD,
             f"{fmt} row has no {key!r} field (fields: {', '.join(map(str, row)) or 'none'})",
         )
@@ -636,9 +826,9 @@ def _require(row: dict, key: str, fmt: str) -> Any:
 
 
 def normalize_row(row: Any, fmt: str) -> list[dict[str, str]]:
-    """One raw row in format ``fmt`` -> validated messages. Raises RowError."""
+    """One raw row in format ``fmt`` -> validated messages (see ``_turns``). Raises RowRejected."""
     if not isinstance(row, dict):
-        raise RowError(
+        raise RowRejected(
             RejectReason.NOT_AN_OBJECT, f"expected a JSON object, got {type(row).__name__}"
         )
     if fmt == "messages":
@@ -666,12 +856,21 @@ def normalize_row(row: Any, fmt: str) -> list[dict[str, str]]:
                 {"role": "assistant", "content": _check_text(completion, "completion")},
             ]
     else:
-        raise RowError(RejectReason.UNKNOWN_FORMAT, f"unknown format {fmt!r}")
-    assistant = [t for t in turns if t["role"] == "assistant"]
+        raise RowRejected(RejectReason.UNKNOWN_FORMAT, f"unknown format {fmt!r}")
+    assistant = [i for i, t in enumerate(turns) if t["role"] == "assistant"]
     if not assistant:
-        raise RowError(RejectReason.NO_ASSISTANT_TURN, "conversation has no assistant turn")
-    if all(not t["content"].strip() for t in assistant):
-        raise RowError(RejectReason.EMPTY_ASSISTANT, "every assistant turn is empty")
+        raise RowRejected(RejectReason.NO_ASSISTANT_TURN, "conversation has no assistant turn")
+    # An empty turn would train on a bare end-of-turn token: the model learns to say nothing.
+    empty = [
+        i
+        for i in assistant
+        if not (turns[i]["content"] or "").strip() and "tool_calls" not in turns[i]
+    ]
+    if empty:
+        raise RowRejected(
+            RejectReason.EMPTY_ASSISTANT,
+            f"assistant turn(s) {', '.join(map(str, empty))} have no text and no tool calls",
+        )
     return turns
 
 
@@ -706,10 +905,17 @@ def row_metadata(row: Any) -> str | None:
     return json.dumps(fields, ensure_ascii=False, sort_keys=True) if fields else None
 
 
-def content_hash(messages: list[dict[str, str]]) -> str:
-    """Stable id for rows without an ``id``: a hash of the normalised conversation."""
+def content_hash(messages: list[dict[str, str]], tools: str | None = None) -> str:
+    """Stable id for rows without an ``id``: a hash of the normalised conversation (and of its
+    tool schemas, when it has some)."""
     payload = json.dumps(messages, ensure_ascii=False, separators=(",", ":"))
+    if tools is not None:
+        payload += tools
     return hashlib.blake2b(payload.encode("utf-8"), digest_size=12).hexdigest()
+
+
+def _message_struct(turn: dict[str, str]) -> dict[str, str | None]:
+    return {name: turn.get(name) for name in schema.MESSAGE_FIELDS}
 
 
 def _raw_text(value: Any, raw: str | None) -> str:
@@ -730,7 +936,7 @@ def normalize_batch(partition: Partition, rows: list[RawRow]) -> pa.Table:
     columns: dict[str, list] = {name: [] for name in schema.NORMALIZED_SCHEMA.names}
     source = storage.without_query(partition.source)  # never a URI's endpoint options
     for index, value, raw, error in rows:
-        messages = None
+        messages = tools = None
         row_fmt = partition.format
         try:
             if error is not None:
@@ -738,14 +944,16 @@ def normalize_batch(partition: Partition, rows: list[RawRow]) -> pa.Table:
             if row_fmt is None:
                 row_fmt = detect_format(value)
                 if row_fmt is None:
-                    raise RowError(
+                    raise RowRejected(
                         RejectReason.UNKNOWN_FORMAT,
                         "cannot tell the row format (expected messages, conversations, "
                         "instruction/output or prompt/completion fields)",
                     )
+            tools = _tools(value) if isinstance(value, dict) else None
             messages = normalize_row(value, row_fmt)
-        except RowError as e:
+        except RowRejected as e:
             reason, detail = e.reason.value, e.detail
+            messages = tools = None
         else:
             reason = detail = None
         row_id = value.get("id") if isinstance(value, dict) else None
@@ -754,7 +962,7 @@ def normalize_batch(partition: Partition, rows: list[RawRow]) -> pa.Table:
         if row_id is not None:
             sample_id = str(row_id)
         elif messages is not None:
-            sample_id = content_hash(messages)
+            sample_id = content_hash(messages, tools)
         else:
             sample_id = hashlib.blake2b(
                 _raw_text(value, raw).encode("utf-8", "replace"), digest_size=12
@@ -765,7 +973,10 @@ def normalize_batch(partition: Partition, rows: list[RawRow]) -> pa.Table:
         columns[schema.PARTITION].append(partition.index)
         columns[schema.FORMAT].append(row_fmt)
         columns[schema.METADATA].append(row_metadata(value))
-        columns[schema.MESSAGES].append(messages)
+        columns[schema.MESSAGES].append(
+            None if messages is None else [_message_struct(turn) for turn in messages]
+        )
+        columns[schema.TOOLS].append(tools)
         columns[schema.RAW].append(_raw_text(value, raw) if reason else None)
         columns[schema.REJECT_REASON].append(reason)
         columns[schema.REJECT_DETAIL].append(detail)
@@ -789,6 +1000,7 @@ def unreadable_rows(partition: Partition, first_index: int, error: str) -> pa.Ta
             schema.FORMAT: [partition.format] * n,
             schema.METADATA: [None] * n,
             schema.MESSAGES: [None] * n,
+            schema.TOOLS: [None] * n,
             schema.RAW: [None] * n,
             schema.REJECT_REASON: [RejectReason.UNREADABLE_SOURCE.value] * n,
             schema.REJECT_DETAIL: [error] * n,

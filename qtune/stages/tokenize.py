@@ -1,25 +1,21 @@
 """Tokenize: render each conversation with the model's chat template and mark the loss positions.
 
-Input columns: ``messages``, ``format``, ``reject_reason`` (rows already rejected pass through).
-Output columns (added): ``input_ids`` list<int32>, ``loss_mask`` list<int8>, ``n_tokens``,
-``n_response_tokens`` (int32), ``truncated`` (bool); rows that cannot be tokenised get
-``reject_reason`` (``template_error``, ``too_long``, ``no_response_tokens``).
+Input columns: ``messages``, ``tools``, ``format``, ``reject_reason`` (rejected rows pass
+through). Output columns (added): ``input_ids`` list<int32>, ``loss_mask`` list<int8>,
+``n_tokens``, ``n_response_tokens`` (int32), ``truncated`` (bool); rows that cannot be tokenised
+get ``reject_reason``: ``template_error``, ``span_not_found``, ``special_token_in_content``,
+``unsupported_tool_calls``, ``too_long`` or ``no_response_tokens``.
 
-Loss positions are every token of every assistant turn including its end-of-turn token, exactly
-the tokens a trainer puts a label on:
+Loss positions are the tokens of every assistant turn, from after its generation prompt through
+its end-of-turn token, exactly where a trainer puts labels (``chat_spans`` defines and locates
+them, with ``{% generation %}`` markers as ground truth). The rendering is tokenised once with
+``add_special_tokens=False`` (as ``apply_chat_template`` does, so a template that writes BOS gets
+exactly one), and a token carries loss when its characters overlap a span — the tokens
+``return_assistant_tokens_mask`` marks.
 
-- a template with ``{% generation %}`` markers is applied by ``transformers`` itself with
-  ``return_assistant_tokens_mask`` (what TRL's ``assistant_only_loss`` uses);
-- any other template is rendered for growing prefixes of the conversation: the characters a turn
-  adds after the generation prompt, up to its end-of-turn marker, are that turn's span, and the
-  tokens of the full rendering that overlap a span carry loss. Whitespace the template emits after
-  the end-of-turn marker (ChatML's newline) is the next turn's boundary, not the response.
-- ``prompt_completion`` rows with plain strings and no chat template are joined plainly
-  (prompt + completion + EOS, the tokenizer's own BOS), with the loss on the completion and EOS,
-  as TRL does for prompt/completion data.
-
-The template output is tokenised with ``add_special_tokens=False`` (as ``apply_chat_template``
-does), so a template that writes BOS gets exactly one.
+``prompt_completion`` rows with plain strings and no chat template are joined plainly (prompt +
+completion + EOS, the tokenizer's own BOS), with the loss on the completion and EOS, as TRL does
+for prompt/completion data. Text that spells a special token is rejected in every format.
 """
 
 from __future__ import annotations
@@ -34,7 +30,8 @@ import numpy as np
 import pyarrow as pa
 
 from qtune import schema
-from qtune.schema import RejectReason
+from qtune.schema import RejectReason, RowRejected
+from qtune.stages.chat_spans import ChatRenderer, UnsupportedTemplate, has_generation_markers
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +130,13 @@ def load_tokenizer(model_path: str, chat_template: str | None = None) -> Any:
     return tokenizer
 
 
+@functools.lru_cache(maxsize=4)
+def chat_renderer(model_path: str, chat_template: str | None = None) -> ChatRenderer:
+    """The renderer of ``load_tokenizer(model_path, chat_template)``, cached with it (it learns
+    the template's end-of-turn marker once)."""
+    return ChatRenderer(load_tokenizer(model_path, chat_template))
+
+
 def check_tokenizer_serves(model_path: str, chat_template: str | None, formats: set[str]) -> None:
     """Fail early when chat-format sources meet a tokenizer without a chat template."""
     tokenizer = load_tokenizer(model_path, chat_template)
@@ -142,55 +146,11 @@ def check_tokenizer_serves(model_path: str, chat_template: str | None, formats: 
             f"{model_path} has no chat template but the input has {', '.join(sorted(chat_formats))}"
             " rows; set model.chat_template to a built-in (chatml) or a Jinja file"
         )
-
-
-class _Reject(Exception):
-    def __init__(self, reason: RejectReason, detail: str):
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
-
-
-def _render(tokenizer: Any, messages: list[dict], add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt
-    )
-
-
-def _end_markers(tokenizer: Any) -> list[str]:
-    markers = {tokenizer.eos_token, *tokenizer.all_special_tokens} - {tokenizer.bos_token, None}
-    return sorted(markers, key=len, reverse=True)
-
-
-def assistant_char_spans(tokenizer: Any, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """Full rendering and the character span of every assistant turn (prefix method)."""
-    full = _render(tokenizer, messages, False)
-    spans: list[tuple[int, int]] = []
-    cursor = 0
-    for k, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        before = _render(tokenizer, messages[:k], True) if k else ""
-        through = _render(tokenizer, messages[: k + 1], False)
-        if full.startswith(before) and full.startswith(through) and len(through) > len(before):
-            start, end = len(before), len(through.rstrip())
-        else:
-            # The template renders a turn differently when it is last (e.g. reasoning blocks):
-            # locate the content itself and extend over an end-of-turn marker right after it.
-            start = full.find(message["content"], cursor)
-            if start < 0:
-                raise _Reject(
-                    RejectReason.TEMPLATE_ERROR,
-                    f"assistant turn {k} not found in the chat template's rendering",
-                )
-            end = start + len(message["content"])
-            for marker in _end_markers(tokenizer):
-                if full.startswith(marker, end):
-                    end += len(marker)
-                    break
-        spans.append((start, end))
-        cursor = end
-    return full, spans
+    if tokenizer.chat_template and not has_generation_markers(tokenizer.get_chat_template()):
+        try:
+            chat_renderer(model_path, chat_template).turn_end()
+        except UnsupportedTemplate as e:
+            raise TokenizerSetupError(f"{model_path}: {e}") from e
 
 
 def _mask_from_offsets(offsets: np.ndarray, spans: list[tuple[int, int]]) -> tuple[np.ndarray, int]:
@@ -228,19 +188,15 @@ class Tokenize:
     def tokenizer(self) -> Any:
         return load_tokenizer(self.model_path, self.chat_template)
 
-    def _encode_chat(self, messages: list[dict]) -> tuple[np.ndarray, np.ndarray, int]:
-        tokenizer = self.tokenizer
-        template = tokenizer.chat_template or ""
-        if "{% generation %}" in template or "{%- generation %}" in template:
-            encoded = tokenizer.apply_chat_template(
-                messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-            )
-            ids = np.asarray(encoded["input_ids"], dtype=np.int64)
-            mask = np.asarray(encoded["assistant_masks"], dtype=bool)
-            hits = np.flatnonzero(np.diff(mask.astype(np.int8), prepend=0) == 1)
-            return ids, mask, int(hits[-1]) if hits.size else len(ids)
-        text, spans = assistant_char_spans(tokenizer, messages)
-        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    @property
+    def renderer(self) -> ChatRenderer:
+        return chat_renderer(self.model_path, self.chat_template)
+
+    def _encode_chat(
+        self, messages: list[dict], tools: list[dict] | None
+    ) -> tuple[np.ndarray, np.ndarray, int]:
+        text, spans = self.renderer.assistant_spans(messages, tools)
+        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         offsets = np.asarray(encoded["offset_mapping"], dtype=np.int64).reshape(-1, 2)
         mask, last_start = _mask_from_offsets(offsets, spans)
         return np.asarray(encoded["input_ids"], dtype=np.int64), mask, last_start
@@ -260,42 +216,50 @@ class Tokenize:
         mask, last_start = _mask_from_offsets(offsets, [(len(prompt), len(text))])
         return ids, mask, last_start
 
-    def encode(self, messages: list[dict], fmt: str) -> tuple[np.ndarray, np.ndarray, bool]:
-        """One conversation -> (input_ids, loss mask, truncated). Raises _Reject."""
+    def encode(
+        self, messages: list[dict], fmt: str, tools: list[dict] | None = None
+    ) -> tuple[np.ndarray, np.ndarray, bool]:
+        """One conversation -> (input_ids, loss mask, truncated). Raises RowRejected.
+
+        ``messages``: normalised turns (MESSAGE_TYPE fields; absent ones left out or None);
+        ``tools``: the row's tool schemas, handed to the chat template.
+        """
         try:
             if fmt == "prompt_completion" and not self.tokenizer.chat_template:
+                self.renderer.check_content(messages, None)
                 ids, mask, last_start = self._encode_plain(
                     messages[0]["content"], messages[1]["content"]
                 )
             else:
-                ids, mask, last_start = self._encode_chat(messages)
-        except _Reject:
+                ids, mask, last_start = self._encode_chat(messages, tools)
+        except RowRejected:
             raise
         except Exception as e:  # jinja2 raises TemplateError subclasses and plain exceptions
-            raise _Reject(RejectReason.TEMPLATE_ERROR, f"chat template failed: {e}") from e
+            raise RowRejected(RejectReason.TEMPLATE_ERROR, f"chat template failed: {e}") from e
         mask[:1] = False  # nothing predicts the first token
         truncated = False
         if len(ids) > self.max_length:
             if self.overlength == REJECT:
-                raise _Reject(
+                raise RowRejected(
                     RejectReason.TOO_LONG, f"{len(ids)} tokens > model.max_length {self.max_length}"
                 )
             if last_start >= self.max_length:
-                raise _Reject(
+                raise RowRejected(
                     RejectReason.TOO_LONG,
                     f"{len(ids)} tokens; the last response starts at token {last_start}, past "
                     f"model.max_length {self.max_length}, so truncating would drop it whole",
                 )
             ids, mask, truncated = ids[: self.max_length], mask[: self.max_length], True
         if not mask.any():
-            raise _Reject(RejectReason.NO_RESPONSE_TOKENS, "no token carries a label")
+            raise RowRejected(RejectReason.NO_RESPONSE_TOKENS, "no token carries a label")
         return ids, mask, truncated
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         schema.require_columns(
-            batch, [schema.MESSAGES, schema.FORMAT, schema.REJECT_REASON], "tokenize"
+            batch, [schema.MESSAGES, schema.TOOLS, schema.FORMAT, schema.REJECT_REASON], "tokenize"
         )
         messages_col = batch.column(schema.MESSAGES).to_pylist()
+        tools_col = batch.column(schema.TOOLS).to_pylist()
         formats = batch.column(schema.FORMAT).to_pylist()
         reasons = batch.column(schema.REJECT_REASON).to_pylist()
         details = batch.column(schema.REJECT_DETAIL).to_pylist()
@@ -307,8 +271,9 @@ class Tokenize:
             truncated = False
             if reasons[i] is None:
                 try:
-                    ids, mask, truncated = self.encode(messages, formats[i])
-                except _Reject as e:
+                    tools = None if tools_col[i] is None else json.loads(tools_col[i])
+                    ids, mask, truncated = self.encode(messages, formats[i], tools)
+                except RowRejected as e:
                     reasons[i], details[i] = e.reason.value, e.detail
                     raws[i] = _messages_json(messages)
             ids_out.append(ids)

@@ -33,6 +33,22 @@ BAD_LINES = {
     "invalid_utf8": b'{"messages": "\xff\xfe"}',
     "invalid_text": chat_line([CHAT[0], {"role": "assistant", "content": "a\u0000b"}]),
     "too_long": chat_line([CHAT[0], {"role": "assistant", "content": " ".join(["7"] * 400)}]),
+    # Text that spells a control token would forge a turn boundary.
+    "special_token_in_content": chat_line(
+        [{"role": "user", "content": "Say <|im_end|> then stop."}, CHAT[1]]
+    ),
+    # The demo's ChatML template renders no tool calls: the call would vanish.
+    "unsupported_tool_calls": chat_line(
+        [
+            CHAT[0],
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": {}}}],
+            },
+        ]
+    ),
+    "invalid_tool_calls": chat_line([CHAT[0], {"role": "assistant", "tool_calls": "add(2, 3)"}]),
 }
 SURROGATE = (
     b'{"messages": [{"role": "user", "content": "\\ud800"}, {"role": "assistant", "content": "a"}]}'
@@ -50,6 +66,9 @@ def write_mixed_corpus(root: Path) -> Path:
     lines += [SURROGATE, chat_line(CHAT, id="dup-1")]  # the second dup-1 is rejected
     (root / "bad.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     (root / "corrupt.parquet").write_bytes(b"PAR1" + os.urandom(200) + b"PAR1")
+    (root / "notes.txt").write_text("not an input file type: skipped, listed with why")
+    (root / "moved.jsonl").symlink_to(root / "gone.jsonl")  # a dangling symlink
+    (root / "_SUCCESS").write_text("")  # a writer's marker: metadata, not data
     return root
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import re
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +21,16 @@ from qtune.pipeline.inspect import (
     open_version,
     read_rows,
     render_sample,
+    terminal_safe,
 )
 from qtune.pipeline.layout import OutputLayout
-from qtune.stages.report import ENTROPY_SCALE, PRUNED_CLOSE, PRUNED_OPEN
+from qtune.stages.report import (
+    ENTROPY_SCALE,
+    PRUNED_CLOSE,
+    PRUNED_OPEN,
+    SampleView,
+    token_segments,
+)
 from tests.pipeline.test_report_job import N, publish_versions
 
 
@@ -141,3 +150,54 @@ def test_read_rows_reads_only_wanted_rows_in_order(tmp_path):
     assert rows.column("b").to_pylist()[2] == [99, 99, 99]
     with pytest.raises(InspectError, match="outside"):
         read_rows(path, [100], ["a"])
+
+
+def _terminal_output(renderable) -> str:
+    """What `qtune inspect` writes to a colour terminal."""
+    stream = io.StringIO()
+    Console(file=stream, force_terminal=True, color_system="truecolor", width=100).print(renderable)
+    return stream.getvalue()
+
+
+def test_text_from_the_data_is_shown_never_acted_on_by_the_terminal():
+    hostile = [
+        "Say \x1b[2J\x1b]0;pwned\x07",  # clear screen, set the window title
+        "\x1b]52;c;ZXZpbA==\x1b\\",  # write to the clipboard (OSC 52)
+        " hi\x9b31m",  # a one-character CSI (C1)
+        "\u202eevil\u202c\u2066x\u2069",  # bidi override and isolate
+        " [bold red]no markup[/]\x7f\x00",
+        "\tend\r\n",
+    ]
+    ids = ["[red]id\x1b[5m", "ok"]
+    view = SampleView(
+        sample_id=ids[0],
+        source="src\x1b[8m.jsonl",
+        row_index=3,
+        quadrant="Q2",
+        kept=True,
+        filled=False,
+        token_pruned=True,
+        ppl=2.0,
+        entropy=0.5,
+        n_response_tokens=5,
+        num_loss_tokens=3,
+        segments=token_segments(
+            hostile,
+            np.array([0, 1, 1, 1, 1, 1]),
+            np.array([0, 1, 0, 1, 1, 0]),
+            np.linspace(0.1, 1.0, 6),
+        ),
+        note="a note \x1b[1m",
+    )
+    out = _terminal_output(render_sample(view))
+    # Rich's own styling is the only escape sequence: every ESC starts an SGR ("ESC [ … m").
+    sgr = re.compile(r"\x1b\[[0-9;]*m")
+    rest = sgr.sub("", out)
+    for char in ["\x1b", "\x9b", "\x07", "\x7f", "\x00", "\r", "\u202e", "\u202c", "\u2066"]:
+        assert char not in rest, f"{char!r} reached the terminal"
+    for shown in [r"\x1b[2J", r"\x1b]0;pwned\x07", r"\x9b31m", r"\u202eevil", r"\x7f\x00", r"\r"]:
+        assert shown in rest
+    assert "[bold red]no markup[/]" in rest
+    assert r"[red]id\x1b[5m" in rest  # the title: markup and escapes both shown as written
+    assert r"src\x1b[8m.jsonl:3" in rest and r"a note \x1b[1m" in rest
+    assert terminal_safe("line\nnext\ttab é 中 \u200f") == "line\nnext\ttab é 中 \u200f"

@@ -1,19 +1,27 @@
-"""OutputLock: one writer per output directory; live holders refuse, stale locks are taken over."""
+"""OutputLock: one writer per output directory; live holders refuse, stale locks are taken over.
+
+These tests run beside a loaded machine (the full suite in parallel), so none waits for a duration:
+a child process says when it is ready on a pipe and blocks on a pipe until released, and the lock's
+own waiting (its poll loop, its grace period for a half-written file) runs on :class:`FakeClock`.
+The only timeouts left are hang guards, far above any plausible run, that fail with a message.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import select
 import socket
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,6 +30,13 @@ from qtune.pipeline.lock import OutputLock, OutputLockedError
 
 LOGGER = "qtune.pipeline.lock"
 HAS_PROC = Path("/proc/self/stat").exists()
+
+#: Bound on every wait for another process, so that a hung test fails instead of stalling the suite.
+#: Not a duration anything is expected to take: children report readiness, and exit, in well under
+#: a second on an idle machine.
+HANG_GUARD_S = 600.0
+#: What a child writes on its stdout once it is where the test needs it.
+READY = b"ready\n"
 
 
 def write_lock(path: Path, **fields: object) -> dict[str, object]:
@@ -44,29 +59,111 @@ def proc_start_time(pid: int) -> int:
     return int(text[text.rfind(")") + 2 :].split()[19])
 
 
-def wait_for(predicate, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting")
-        time.sleep(0.02)
+class FakeClock:
+    """Stands in for the lock module's ``time``: no call waits, and both clocks move only by sleeps.
+
+    ``sleep`` records its argument, runs ``on_sleep`` (the test's hook into "while the lock waits",
+    given the number of sleeps so far), then moves the wall and monotonic clocks on together, so a
+    grace period elapses exactly when the lock's own arithmetic says, whatever the machine's load.
+    """
+
+    def __init__(self, wall: float) -> None:
+        self.wall = wall
+        self.mono = 1000.0
+        self.sleeps: list[float] = []
+        self.on_sleep: Callable[[int], None] | None = None
+
+    def time(self) -> float:
+        return self.wall
+
+    def monotonic(self) -> float:
+        return self.mono
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        if self.on_sleep is not None:
+            self.on_sleep(len(self.sleeps))
+        self.wall += seconds
+        self.mono += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    """The lock module's clock and sleep, replaced by a :class:`FakeClock` starting at now."""
+    fake = FakeClock(wall=time.time())
+    monkeypatch.setattr(lock_module, "time", fake)
+    return fake
+
+
+def reap(proc: subprocess.Popen[bytes], what: str) -> str:
+    """Wait for ``proc`` to exit (closing its stdin first, if piped); return its stderr."""
+    try:
+        _, err = proc.communicate(timeout=HANG_GUARD_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail(
+            f"{what} (pid {proc.pid}) was still running after {HANG_GUARD_S:.0f}s (hang guard): "
+            f"it should have exited on its own in well under a second"
+        )
+    return (err or b"").decode(errors="replace")
+
+
+def kill_and_reap(proc: subprocess.Popen[bytes], what: str) -> str:
+    """SIGKILL ``proc`` (no cleanup runs in it) and reap it; return its stderr."""
+    proc.kill()
+    return reap(proc, what)
+
+
+@contextmanager
+def child(script: str, what: str, **popen: Any) -> Iterator[subprocess.Popen[bytes]]:
+    """A Python child running ``script``, with piped stdin/stdout/stderr unless ``popen`` says
+    otherwise; killed and reaped on exit, whatever happened in the block.
+
+    A child that blocks on ``sys.stdin.read()`` lives until then, however slow the test, and also
+    exits if the test process dies (its stdin reaches EOF).
+    """
+    pipes: dict[str, Any] = dict.fromkeys(("stdin", "stdout", "stderr"), subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)], **{**pipes, **popen})
+    try:
+        yield proc
+    finally:
+        if proc.returncode is None:
+            kill_and_reap(proc, what)
+
+
+def await_ready(proc: subprocess.Popen[bytes], what: str) -> None:
+    """Block until ``proc`` writes :data:`READY` on its stdout; fail with its stderr otherwise."""
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()  # raw reads: nothing is left in the Popen's buffer for communicate
+    readable, _, _ = select.select([fd], [], [], HANG_GUARD_S)
+    got = os.read(fd, len(READY)) if readable else None
+    if got == READY:
+        return
+    if got is None:
+        why = f"nothing in {HANG_GUARD_S:.0f}s (hang guard)"
+    elif not got:
+        why = "it exited first"
+    else:
+        why = f"it wrote {got!r} instead of {READY!r}"
+    err = kill_and_reap(proc, what)
+    pytest.fail(
+        f"{what} (pid {proc.pid}) did not report ready: {why}; exit status {proc.returncode}; "
+        f"stderr:\n{err}"
+    )
 
 
 def dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()  # reaped: the pid names no process (not even a zombie)
+    proc = subprocess.Popen([sys.executable, "-c", "pass"], stdin=subprocess.DEVNULL)
+    reap(proc, "short-lived child")  # reaped: the pid names no process (not even a zombie)
     return proc.pid
 
 
 @pytest.fixture
-def sleeper() -> Iterator[subprocess.Popen]:
-    """A live process on this host that is not a lock owner."""
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
+def sleeper() -> Iterator[subprocess.Popen[bytes]]:
+    """A live process on this host that is not a lock owner: it blocks on stdin until teardown."""
+    with child("import sys; sys.stdin.read()", "idle child") as proc:
         yield proc
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 @pytest.fixture
@@ -93,18 +190,17 @@ def test_acquire_writes_owner_and_release_removes(lock_path: Path) -> None:
 def test_live_holder_in_another_process_refuses_then_dead_one_is_taken_over(
     lock_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    holder_script = textwrap.dedent(
-        f"""
-        import time
+    holder_script = f"""
+        import sys
         from pathlib import Path
         from qtune.pipeline.lock import OutputLock
         with OutputLock(Path({str(lock_path)!r}), "qtune run holder"):
-            time.sleep(60)
+            sys.stdout.buffer.write({READY!r})
+            sys.stdout.flush()
+            sys.stdin.read()  # hold the lock until the test kills us (or goes away)
         """
-    )
-    holder = subprocess.Popen([sys.executable, "-c", holder_script])
-    try:
-        wait_for(lambda: lock_path.exists() and lock_path.read_text().endswith("\n"))
+    with child(holder_script, "lock holder") as holder:
+        await_ready(holder, "lock holder")
         with pytest.raises(OutputLockedError) as info:
             with OutputLock(lock_path, "qtune run second"):
                 pytest.fail("entered a lock held by a live process")
@@ -116,9 +212,7 @@ def test_live_holder_in_another_process_refuses_then_dead_one_is_taken_over(
         assert f"kill {holder.pid}" in message
         assert info.value.holder is not None and info.value.holder["pid"] == holder.pid
         assert info.value.lock_path == lock_path.parent.resolve() / lock_path.name
-    finally:
-        holder.kill()  # SIGKILL: no release runs, the lock file stays behind
-        holder.wait()
+        kill_and_reap(holder, "lock holder")  # SIGKILL: no release runs, the lock file stays
     assert json.loads(lock_path.read_text())["pid"] == holder.pid
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         with OutputLock(lock_path, "qtune run second"):
@@ -144,7 +238,7 @@ def test_lock_of_dead_pid_is_taken_over_with_warning(
 
 @pytest.mark.skipif(not HAS_PROC, reason="start times come from /proc")
 def test_live_pid_with_other_start_time_is_stale(
-    lock_path: Path, sleeper: subprocess.Popen, caplog: pytest.LogCaptureFixture
+    lock_path: Path, sleeper: subprocess.Popen[bytes], caplog: pytest.LogCaptureFixture
 ) -> None:
     # The pid was reused: a live process holds it, but not the one that wrote the lock.
     real = proc_start_time(sleeper.pid)
@@ -156,7 +250,7 @@ def test_live_pid_with_other_start_time_is_stale(
 
 
 def test_live_pid_with_matching_start_time_refuses(
-    lock_path: Path, sleeper: subprocess.Popen
+    lock_path: Path, sleeper: subprocess.Popen[bytes]
 ) -> None:
     fields: dict[str, object] = {"pid": sleeper.pid}
     if HAS_PROC:
@@ -214,52 +308,85 @@ def test_release_of_a_lock_removed_by_hand_warns(
 
 @pytest.mark.parametrize("content", ["", '{"pid": 12', '{"pid": 0, "host": "x"}', "[]"])
 def test_old_unreadable_lock_is_taken_over(
-    lock_path: Path, content: str, caplog: pytest.LogCaptureFixture
+    lock_path: Path, content: str, clock: FakeClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     lock_path.parent.mkdir(parents=True)
     lock_path.write_text(content)
-    an_hour_ago = time.time() - 3600
+    an_hour_ago = clock.wall - 3600
     os.utime(lock_path, (an_hour_ago, an_hour_ago))
-    started = time.monotonic()
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         with OutputLock(lock_path, "qtune run"):
             assert json.loads(lock_path.read_text())["pid"] == os.getpid()
-    assert time.monotonic() - started < 1.0  # old enough: no waiting
+    assert clock.sleeps == []  # old enough: taken over at first sight, no waiting
     assert "unreadable" in caplog.text
 
 
+@pytest.mark.parametrize(
+    "mtime_offset",
+    [0.0, 3600.0],
+    ids=["just-written", "writer-clock-an-hour-ahead"],
+)
 def test_fresh_unreadable_lock_is_waited_on_then_taken_over(
-    lock_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    lock_path: Path,
+    mtime_offset: float,
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    # A writer's clock ahead of ours makes the file look ever younger: our own clock ends the wait.
     monkeypatch.setattr(lock_module, "CORRUPT_GRACE_S", 0.3)
     lock_path.parent.mkdir(parents=True)
     lock_path.write_text("")
-    started = time.monotonic()
+    mtime = clock.wall + mtime_offset
+    os.utime(lock_path, (mtime, mtime))
+    seen_while_waiting: list[str] = []
+    clock.on_sleep = lambda _: seen_while_waiting.append(lock_path.read_text())
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         with OutputLock(lock_path, "qtune run"):
-            pass
-    assert time.monotonic() - started >= 0.25
+            assert json.loads(lock_path.read_text())["pid"] == os.getpid()
+    grace, poll = lock_module.CORRUPT_GRACE_S, lock_module._POLL_S
+    waited = sum(clock.sleeps)
+    assert waited >= grace - 1e-6, f"taken over after {waited}s, before the {grace}s grace"
+    assert waited < grace + 2 * poll, f"waited {waited}s, past the first look after the grace"
+    assert seen_while_waiting == [""] * len(clock.sleeps)  # left in place throughout the wait
     assert "unreadable" in caplog.text
 
 
+def test_default_grace_is_waited_out_within_the_attempt_limit(
+    lock_path: Path, clock: FakeClock
+) -> None:
+    lock_path.parent.mkdir(parents=True)
+    # A writer that crashed between create and write. (Waiting out the grace used to count as
+    # attempts: the lock gave up after 2.5 s, before the 3 s grace, blaming contention.)
+    lock_path.write_text("")
+    os.utime(lock_path, (clock.wall, clock.wall))
+    with OutputLock(lock_path, "qtune run"):
+        assert json.loads(lock_path.read_text())["pid"] == os.getpid()
+    assert sum(clock.sleeps) >= lock_module.CORRUPT_GRACE_S - 1e-6
+
+
 def test_fresh_unreadable_lock_that_its_writer_completes_refuses(
-    lock_path: Path, sleeper: subprocess.Popen
+    lock_path: Path, sleeper: subprocess.Popen[bytes], clock: FakeClock
 ) -> None:
     # A process between O_EXCL create and write: once written, its live owner holds the lock.
     lock_path.parent.mkdir(parents=True)
     lock_path.write_text("")
+    os.utime(lock_path, (clock.wall, clock.wall))
     fields: dict[str, object] = {"pid": sleeper.pid}
     if HAS_PROC:
         fields["start_time"] = proc_start_time(sleeper.pid)
-    writer = threading.Timer(0.2, write_lock, args=(lock_path,), kwargs=fields)
-    writer.start()
-    try:
-        with pytest.raises(OutputLockedError, match=f"pid {sleeper.pid}"):
-            with OutputLock(lock_path, "qtune run"):
-                pass
-    finally:
-        writer.cancel()
-        writer.join()
+    written: list[dict[str, object]] = []
+
+    def complete_the_write(sleeps: int) -> None:
+        if sleeps == 1:  # the writer finishes while the lock waits for the first time
+            written.append(write_lock(lock_path, **fields))
+
+    clock.on_sleep = complete_the_write
+    with pytest.raises(OutputLockedError, match=f"pid {sleeper.pid}"):
+        with OutputLock(lock_path, "qtune run"):
+            pytest.fail("entered a lock whose live owner finished writing it")
+    assert len(clock.sleeps) == 1  # judged at the next look, long before the grace ran out
+    assert json.loads(lock_path.read_text()) == written[0]  # untouched
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
@@ -287,36 +414,45 @@ def test_racing_takeovers_of_one_stale_lock_admit_one_holder_at_a_time(
     lock_path: Path, tmp_path: Path
 ) -> None:
     write_lock(lock_path, pid=dead_pid())
-    go, log = tmp_path / "go", tmp_path / "log"
-    racer = textwrap.dedent(
-        f"""
-        import os, time
+    log = tmp_path / "log"
+    # The start gun: every racer blocks reading this pipe, and closing its only write end wakes
+    # them all at once (EOF), however long each took to start.
+    go_read, go_write = os.pipe()
+    racer = f"""
+        import os, sys, time
         from pathlib import Path
         from qtune.pipeline.lock import OutputLock, OutputLockedError
-        go, log = Path({str(go)!r}), Path({str(log)!r})
+        log = Path({str(log)!r})
         def note(event):
             fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
             os.write(fd, f"{{event}} {{os.getpid()}} {{time.monotonic()}}\\n".encode())
             os.close(fd)
-        while not go.exists():
-            time.sleep(0.001)
+        sys.stdout.buffer.write({READY!r})
+        sys.stdout.flush()
+        os.read({go_read}, 1)
         try:
             with OutputLock(Path({str(lock_path)!r}), "racer"):
                 note("enter")
-                time.sleep(0.3)
+                time.sleep(0.3)  # hold a while, so that a second holder would overlap this one
                 note("exit")
         except OutputLockedError:
             note("refused")
         """
-    )
-    racers = [
-        subprocess.Popen([sys.executable, "-c", racer], stderr=subprocess.PIPE, text=True)
-        for _ in range(6)
-    ]
-    time.sleep(1.0)  # let them import and spin on the start flag
-    go.touch()
-    stderr = [r.communicate(timeout=60)[1] for r in racers]
-    assert all(r.returncode == 0 for r in racers), stderr
+    with ExitStack() as stack:
+        go_r = stack.enter_context(os.fdopen(go_read, "rb"))
+        gun = stack.enter_context(os.fdopen(go_write, "wb"))  # closed on failure too: no orphans
+        racers = [
+            stack.enter_context(
+                child(racer, f"racer {i}", stdin=subprocess.DEVNULL, pass_fds=(go_read,))
+            )
+            for i in range(6)
+        ]
+        go_r.close()  # only the racers read it
+        for i, proc in enumerate(racers):
+            await_ready(proc, f"racer {i}")
+        gun.close()  # all of them imported and waiting: release them together
+        stderr = [reap(proc, f"racer {i}") for i, proc in enumerate(racers)]
+    assert all(proc.returncode == 0 for proc in racers), stderr
     events = [line.split() for line in log.read_text().splitlines()]
     kinds = [e[0] for e in events]
     assert kinds.count("enter") + kinds.count("refused") == len(racers)  # each racer, one outcome

@@ -3,6 +3,11 @@
 A mixed corpus carries every kind of bad row next to good ones. Crashes are real: the pipeline
 runs in a subprocess that dies by SIGKILL at a named point (``qtune.faults``) or is killed from
 outside, then the same command runs again and must publish the same shards as a clean run.
+
+No test here waits for a duration or asserts one: each waits for an event (a process exiting or
+stopping at a fault point, a line on a pipe, a trace of fault points reached), so a machine
+busy with other work makes them slower, never wrong. The only time limit is HANG_GUARD, far
+beyond any run, which turns a hung run into a failure instead of a hung test session.
 """
 
 from __future__ import annotations
@@ -12,7 +17,8 @@ import os
 import signal
 import subprocess
 import sys
-import time
+import tempfile
+import threading
 from pathlib import Path
 
 import pyarrow as pa
@@ -21,6 +27,7 @@ import pytest
 from typer.testing import CliRunner
 
 from qtune import schema
+from qtune.faults import FAULT_DELAY_ENV, FAULT_TRACE_ENV, read_trace
 from qtune.pipeline.cli import app
 from qtune.pipeline.layout import OutputLayout
 from qtune.pipeline.verify import verify_version
@@ -168,27 +175,91 @@ def test_output_dir_of_another_corpus_or_model_is_refused_until_restart(
     )
 
 
-def _qtune(*args: str, fault: str | None = None, freeze: bool = False, **popen) -> subprocess.Popen:
+# Seconds after which a run that has not finished is taken for hung, killed and failed. Not a
+# measure of speed: a qtune run here takes well under a minute alone, and several on a busy
+# 2-core machine; this only keeps a hang from blocking the whole test session.
+HANG_GUARD = 1800
+
+
+def _qtune(*args: str, fault: str | None = None, freeze: bool = False) -> subprocess.Popen:
+    """`qtune ARGS` in its own session (process group): killing the group takes Ray with it.
+
+    Output goes to a temporary file, not a pipe: a child that is not being read (stopped at a
+    fault point while the test waits for that) can never block on a full pipe.
+    """
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("QTUNE_FAULT", None)
+    for name in ("QTUNE_FAULT", "QTUNE_FAULT_SIGNAL", "QTUNE_FAULT_ONCE"):
+        env.pop(name, None)
     if fault:
         env["QTUNE_FAULT"] = fault
     if freeze:
         env["QTUNE_FAULT_SIGNAL"] = "STOP"
-    return subprocess.Popen(
+    log = tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace")
+    process = subprocess.Popen(
         [sys.executable, "-m", "qtune.pipeline.cli", *args],
         env=env,
-        stdout=subprocess.PIPE,
+        stdout=log,
         stderr=subprocess.STDOUT,
-        text=True,
         start_new_session=True,
-        **popen,
     )
+    process.log = log  # type: ignore[attr-defined]
+    return process
 
 
-def _finish(process: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
-    output, _ = process.communicate(timeout=timeout)
+def _output(process: subprocess.Popen) -> str:
+    log = process.log  # type: ignore[attr-defined]
+    log.seek(0)
+    return log.read()
+
+
+def _kill_session(process: subprocess.Popen) -> None:
+    """SIGKILL what is left of the run's process group (Ray's processes after a fault)."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _guard(process: subprocess.Popen) -> threading.Timer:
+    """A timer that kills the run's process group after HANG_GUARD seconds (cancel it)."""
+    timer = threading.Timer(HANG_GUARD, _kill_session, (process,))
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
+def _finish(process: subprocess.Popen) -> tuple[int, str]:
+    """Wait for the run to exit (an event, however long it takes up to HANG_GUARD)."""
+    timer = _guard(process)
+    try:
+        process.wait()
+    finally:
+        hung = not timer.is_alive()
+        timer.cancel()
+        _kill_session(process)  # a run killed at a fault point leaves Ray's processes behind
+    output = _output(process)
+    if hung:
+        pytest.fail(f"qtune {process.args[3:]} did not finish in {HANG_GUARD} s:\n{output}")
     return process.returncode, output
+
+
+def _wait_until_stopped(process: subprocess.Popen) -> None:
+    """Block until the run stops itself with SIGSTOP at its fault point (QTUNE_FAULT_SIGNAL).
+
+    waitpid(WUNTRACED) returns when the child stops or exits: no polling, no deadline beyond
+    HANG_GUARD. A run that exits instead fails the test with its output.
+    """
+    timer = _guard(process)
+    try:
+        _, status = os.waitpid(process.pid, os.WUNTRACED)
+    finally:
+        timer.cancel()
+    if not os.WIFSTOPPED(status):
+        process.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+        _kill_session(process)
+        pytest.fail(
+            f"qtune exited ({process.returncode}) before its fault point:\n{_output(process)}"
+        )
 
 
 @pytest.mark.ray
@@ -211,6 +282,7 @@ def test_resume_after_sigkill_publishes_what_a_clean_run_does(mixed, llama_dir, 
 
     code, output = _finish(_qtune("run", str(config)))
     assert code == 0, output
+    _assert_clean_log(output)
     assert published(out) == published(mixed["out"])
     if fault.startswith("score.partition_done"):
         assert "resuming: 3 of" in output
@@ -222,24 +294,51 @@ def test_resume_after_sigkill_publishes_what_a_clean_run_does(mixed, llama_dir, 
 def test_kill_minus_nine_from_outside_then_resume(mixed, llama_dir, tmp_path):
     out = tmp_path / "out"
     config = write_config(tmp_path / "c.yaml", mixed["corpus"], llama_dir, out)
-    # The driver freezes after its first partition (before it could finish the rest): the kill
-    # then always lands mid-scoring, however fast the scoring is.
+    # The driver freezes after its first partition's marker is written (before it could finish
+    # the rest): the kill then always lands mid-scoring, however fast or slow the scoring is.
     process = _qtune("run", str(config), fault="score.partition_done:1", freeze=True)
+    _wait_until_stopped(process)
     done = OutputLayout(out).scoring_state(0).done
-    deadline = time.monotonic() + 240
     # A marker, not its temporary file (write_atomic's ".part-….json.tmp-…" comes first).
-    while not (done.is_dir() and any(done.glob("part-*.json"))):
-        assert process.poll() is None, process.communicate()[0]
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    assert len(list(done.glob("part-*.json"))) == 1
     os.killpg(process.pid, signal.SIGKILL)  # the driver and every Ray process it started
-    process.communicate()
+    process.wait()
     assert (out / ".qtune.lock").exists()  # left behind by the dead run
 
     code, output = _finish(_qtune("run", str(config)))
     assert code == 0, output
+    _assert_clean_log(output)
     assert "resuming:" in output
     assert published(out) == published(mixed["out"])
+
+
+@pytest.mark.ray
+def test_scoring_workers_shut_their_engines_down_before_the_run_returns(
+    mixed, llama_dir, tmp_path, monkeypatch
+):
+    """When the dataset is done, Ray Data lets each scoring actor exit; Score closes its engine
+    then. The run must wait for that before it shuts embedded Ray down: stopping the raylet under
+    an exiting worker cut the engine's shutdown short, or made the worker abort ("Mutex corrupt",
+    SIGABRT, "Fatal Python error: Aborted" in the log of a run that had succeeded)."""
+    trace = tmp_path / "trace"
+    monkeypatch.setenv(FAULT_TRACE_ENV, str(trace))
+    # An engine takes its time to shut down (vLLM: seconds); a torch model would not. Without
+    # the wait, Ray is shut down while the worker is in there and the "closed" event is lost.
+    monkeypatch.setenv("QTUNE_FAULT", "score.backend_closing")
+    monkeypatch.setenv(FAULT_DELAY_ENV, "5")
+    config = write_config(tmp_path / "c.yaml", mixed["corpus"], llama_dir, tmp_path / "out")
+    result = CliRunner().invoke(app, ["score", str(config)])
+    assert result.exit_code == 0, result.output
+    events = read_trace(trace)
+    started = {pid for point, pid in events if point == "score.backend_start"}
+    closed = {pid for point, pid in events if point == "score.backend_closed"}
+    assert started and closed == started, events
+
+
+def _assert_clean_log(output: str) -> None:
+    """Nothing a user would take for a crash in the log of a run that succeeded."""
+    for sign in ("Fatal Python error", "Mutex corrupt", "SIGABRT", "core dumped"):
+        assert sign not in output, output
 
 
 @pytest.mark.ray
@@ -273,15 +372,18 @@ def test_same_shards_with_two_scoring_workers(mixed, llama_dir, tmp_path):
 def test_a_second_writer_is_refused_while_the_first_runs(mixed, llama_dir, tmp_path):
     out = tmp_path / "out"
     config = write_config(tmp_path / "c.yaml", mixed["corpus"], llama_dir, out)
+    # The holder holds the lock until its stdin closes (not for a while: however slow this
+    # test is, it is still held), and says so on stdout.
     holder = subprocess.Popen(
         [
             sys.executable,
             "-c",
-            "import sys, time; from pathlib import Path; from qtune.pipeline.lock import "
+            "import sys; from pathlib import Path; from qtune.pipeline.lock import "
             "OutputLock; lock = OutputLock(Path(sys.argv[1]), 'qtune run other.yaml'); "
-            "lock.__enter__(); print('held', flush=True); time.sleep(60)",
+            "lock.__enter__(); print('held', flush=True); sys.stdin.read()",
             str(OutputLayout(out).lock_file),
         ],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -290,9 +392,10 @@ def test_a_second_writer_is_refused_while_the_first_runs(mixed, llama_dir, tmp_p
         result = CliRunner().invoke(app, ["run", str(config)])
         assert result.exit_code == 1
         assert str(holder.pid) in result.output and "qtune run other.yaml" in result.output
+        assert holder.poll() is None  # it held the lock throughout
     finally:
         holder.kill()
-        holder.wait()
+        holder.communicate()
     result = CliRunner().invoke(app, ["triage", str(config)])  # the dead holder's lock is stale
     assert "no scored cache" in result.output
 
@@ -316,17 +419,22 @@ def test_a_scoring_worker_that_keeps_dying_fails_after_its_restarts(
     mixed, llama_dir, tmp_path, monkeypatch
 ):
     monkeypatch.setenv("QTUNE_FAULT", "score.batch")  # every worker dies on its first batch
+    monkeypatch.setenv(FAULT_TRACE_ENV, str(tmp_path / "trace"))
     config = write_config(tmp_path / "c.yaml", mixed["corpus"], llama_dir, tmp_path / "out")
-    started = time.monotonic()
     result = CliRunner().invoke(app, ["run", str(config), "--set", "scoring.max_restarts=1"])
     assert result.exit_code == 1
     assert "a scoring worker died 2 times (scoring.max_restarts = 1)" in result.output
     assert "re-running the same command resumes" in result.output
-    assert time.monotonic() - started < 120
+    # It gave up after its restart budget, not later: two worker processes, each killed at its
+    # first batch (what the message says happened, happened; no third start was tried).
+    batches = [pid for point, pid in read_trace(tmp_path / "trace") if point == "score.batch"]
+    assert len(batches) == len(set(batches)) == 2
 
 
 @pytest.mark.ray
-def test_an_engine_that_cannot_start_fails_fast_with_its_reason(mixed, llama_dir, tmp_path):
+def test_an_engine_that_cannot_start_fails_fast_with_its_reason(
+    mixed, llama_dir, tmp_path, monkeypatch
+):
     import shutil
 
     broken = tmp_path / "broken"
@@ -334,13 +442,18 @@ def test_an_engine_that_cannot_start_fails_fast_with_its_reason(mixed, llama_dir
     weights = broken / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     config = write_config(tmp_path / "c.yaml", mixed["corpus"], broken, tmp_path / "out")
-    started = time.monotonic()
+    monkeypatch.setenv(FAULT_TRACE_ENV, str(tmp_path / "trace"))
     result = CliRunner().invoke(app, ["run", str(config)])
     assert result.exit_code == 1
     # One line with the engine's own reason (Ray also logs the remote traceback above it).
     assert "error: the torch scoring backend could not start for" in result.output
     assert "SafetensorError: Error while deserializing header" in result.output
-    assert time.monotonic() - started < 120
+    # Fast because nothing is retried in new processes: the worker that could not start its
+    # engine stayed alive to report why (no actor restarts, which would each load the model).
+    starts = [
+        pid for point, pid in read_trace(tmp_path / "trace") if point == "score.backend_start"
+    ]
+    assert starts and len(set(starts)) == 1
 
 
 def test_qtune_verify_passes_a_clean_version_and_names_a_truncated_shard(mixed, tmp_path):

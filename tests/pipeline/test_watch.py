@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from qtune.pipeline import watch as watch_module
 from qtune.pipeline.lock import OutputLockedError
 from qtune.pipeline.watch import (
     HEARTBEAT_POLLS,
@@ -30,6 +31,10 @@ from qtune.pipeline.watch import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
+# Every wait below is for an event (a marker file, a state change, a process exit). This bound
+# only keeps a hang from blocking the session: far above any plausible duration, even for a child
+# that imports under load on a busy 2-core machine. Reaching it fails the test, saying what hung.
+HANG_GUARD = 600
 
 
 def trainer_done(path: Path) -> bool:
@@ -224,7 +229,8 @@ def test_run_holds_one_lock_across_polls_and_releases_it(run_dir, state_file):
 
     w = watcher(run_dir, state_file, rescore, poll_seconds=0.005)
     assert w.lock_file == state_file.with_name("state.json.lock")
-    w.run(stop_after=10)
+    w.run(stop_after=HANG_GUARD)  # returns at the second rescore's stop(); the bound is a guard
+    assert w.stop_requested, f"run() stopped at its {HANG_GUARD} s hang guard, not at stop()"
     assert list(read_state(state_file)["done"]) == ["checkpoint-1", "checkpoint-2"]
     # run() took the lock once; each poll's run_once() re-entered it instead of taking another.
     assert len(owners) == 2 and owners[0] == owners[1]
@@ -263,22 +269,56 @@ def test_a_lock_error_raised_by_the_rescore_is_not_the_watchers(run_dir, state_f
     assert not state_file.with_name("state.json.lock").exists()
 
 
-def test_run_polls_until_stopped_and_logs_a_heartbeat(run_dir, state_file, caplog):
+class FakeClock:
+    """The watch module's ``time``: ``sleep`` advances a virtual clock at once.
+
+    Polls then happen at known virtual times, however slow or loaded the machine is.
+    """
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sleeps = 0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    perf_counter = monotonic
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps += 1
+        assert self.sleeps < 100_000, "hang guard: the watcher kept sleeping past its deadline"
+        self.now += seconds
+
+
+def test_run_polls_until_stopped_and_logs_a_heartbeat(run_dir, state_file, caplog, monkeypatch):
     caplog.set_level(logging.INFO, logger="qtune.pipeline.watch")
-    w = watcher(run_dir, state_file, StubRescore(), poll_seconds=0.005)
+    clock = FakeClock()
+    monkeypatch.setattr(watch_module, "time", clock)
+    polls: list[float] = []  # virtual time of each poll: the blocking checkpoint is asked once
+
+    def is_complete(path: Path) -> bool:
+        polls.append(clock.now)
+        return trainer_done(path)
+
+    w = Watcher(run_dir, state_file, StubRescore(), is_complete=is_complete, poll_seconds=1.0)
     make_checkpoint(run_dir, 3, complete=False)
-    started = time.monotonic()
-    w.run(stop_after=0.3)
-    assert time.monotonic() - started < 2
+    w.run(stop_after=2 * HEARTBEAT_POLLS + 5.5)
+    # One poll per second from t=0 while t < stop_after, and run() returns at the deadline.
+    assert polls == [float(t) for t in range(2 * HEARTBEAT_POLLS + 6)]
+    assert clock.now == 2 * HEARTBEAT_POLLS + 5.5
     messages = [r.getMessage() for r in caplog.records]
     heartbeats = [m for m in messages if "polls," in m]
-    assert heartbeats and "waiting for checkpoint-3 to complete" in heartbeats[0]
+    assert len(heartbeats) == 2, heartbeats  # one every HEARTBEAT_POLLS polls
     assert f"{HEARTBEAT_POLLS} polls" in heartbeats[0]
+    assert f"{2 * HEARTBEAT_POLLS} polls" in heartbeats[1]
+    assert all("waiting for checkpoint-3 to complete" in m for m in heartbeats)
     # The incomplete checkpoint is reported once at INFO, not on every poll.
     assert sum("skipping checkpoint-3" in m for m in messages) == 1
+    assert messages[-1] == f"stopped after {2 * HEARTBEAT_POLLS + 5.5:g} s (stop_after)"
 
     w.stop()
     w.run()  # already stopped: returns at once without polling
+    assert len(polls) == 2 * HEARTBEAT_POLLS + 6 and clock.now == 2 * HEARTBEAT_POLLS + 5.5
     assert "stop(): stopped between checkpoints" in caplog.records[-1].getMessage()
 
 
@@ -286,27 +326,35 @@ def test_run_polls_until_stopped_and_logs_a_heartbeat(run_dir, state_file, caplo
 
 WATCH_SCRIPT = textwrap.dedent(
     """
-    import logging, os, signal, sys, time
+    import logging, os, signal, sys
     from pathlib import Path
     from qtune.pipeline.watch import watch_main
 
     run_dir, state, markers, slow, mode, stop_after = sys.argv[1:7]
     markers = Path(markers)
 
+    def block_until_signalled(tag):
+        # A rescore that never finishes by itself: it reads stdin, which the test never writes,
+        # so only a signal ends it. The start marker is inside the try: a signal that comes
+        # right after it is swallowed too. EOF means the test is gone: exit, leave no orphan.
+        while True:
+            try:
+                (markers / f"start-{tag}").touch()
+                if not os.read(0, 1):
+                    sys.exit(f"stdin closed while {tag} was blocked: the test is gone")
+            except KeyboardInterrupt:
+                if mode != "swallow":
+                    raise
+                (markers / f"swallowed-{tag}").touch()
+
     def rescore(checkpoint):  # stand-in for the real rescore: markers instead of a model
         tag = f"{checkpoint.name}-{os.getpid()}"
-        (markers / f"start-{tag}").touch()
         if mode == "foreign-handler":  # what ray.init() does to SIGTERM
             signal.signal(signal.SIGTERM, lambda *_: sys.exit(99))
         if checkpoint.name in slow.split(","):
-            end = time.monotonic() + 30
-            while time.monotonic() < end:
-                try:
-                    time.sleep(0.02)
-                except KeyboardInterrupt:
-                    if mode != "swallow":
-                        raise
-                    (markers / f"swallowed-{tag}").touch()
+            block_until_signalled(tag)
+        else:
+            (markers / f"start-{tag}").touch()
         (markers / f"done-{tag}").touch()
         return int(checkpoint.name.split("-")[1])
 
@@ -314,53 +362,78 @@ WATCH_SCRIPT = textwrap.dedent(
     sys.exit(watch_main(
         Path(run_dir), Path(state), rescore,
         is_complete=lambda p: (p / "trainer_state.json").is_file(),
-        poll_seconds=0.05, stop_after=float(stop_after),
+        poll_seconds=0.05, stop_after=None if stop_after == "none" else float(stop_after),
     ))
     """
 )
 
 
 class WatchProcess:
+    """Watcher processes running WATCH_SCRIPT; the fixture kills any left when the test ends."""
+
     def __init__(self, tmp_path: Path, run_dir: Path, state_file: Path) -> None:
         self.tmp_path, self.run_dir, self.state_file = tmp_path, run_dir, state_file
         self.markers = tmp_path / "markers"
         self.markers.mkdir(exist_ok=True)
         self.script = tmp_path / "watch_script.py"
         self.script.write_text(WATCH_SCRIPT)
-        self.starts = 0
+        self.procs: list[subprocess.Popen] = []
 
-    def start(self, *, slow: str = "", mode: str = "plain", stop_after: float = 30):
-        self.starts += 1
-        self.log = self.tmp_path / f"watch-{self.starts}.log"
+    def start(self, *, slow: str = "", mode: str = "plain", stop_after: float | None = None):
+        """Start a watcher; without ``stop_after`` it runs until a signal stops it.
+
+        Its stdin is a pipe the test never writes: a ``slow`` checkpoint's rescore blocks on it.
+        """
+        self.log = self.tmp_path / f"watch-{len(self.procs) + 1}.log"
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         args = [str(self.run_dir), str(self.state_file), str(self.markers), slow, mode]
         with open(self.log, "w") as log:
-            return subprocess.Popen(
-                [sys.executable, str(self.script), *args, str(stop_after)],
+            proc = subprocess.Popen(
+                [sys.executable, str(self.script), *args, str(stop_after).lower()],
+                stdin=subprocess.PIPE,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,
             )
+        self.procs.append(proc)
+        return proc
 
     def markers_named(self, prefix: str) -> list[str]:
         return sorted(p.name for p in self.markers.glob(f"{prefix}-*"))
 
-    def wait_for(self, predicate, what: str, proc: subprocess.Popen, timeout: float = 15) -> None:
-        end = time.monotonic() + timeout
+    def wait_for(self, predicate, what: str, proc: subprocess.Popen) -> None:
+        """Poll for an event; fail at once if the watcher exits first."""
+        end = time.monotonic() + HANG_GUARD
         while not predicate():
             if proc.poll() is not None:
                 pytest.fail(f"watcher exited ({proc.returncode}) before {what}: {self.output()}")
             if time.monotonic() > end:
-                pytest.fail(f"timed out waiting for {what}: {self.output()}")
+                pytest.fail(f"hang guard: no {what} after {HANG_GUARD} s: {self.output()}")
             time.sleep(0.02)
+
+    def exit_code(self, proc: subprocess.Popen, what: str) -> int:
+        """Wait for the watcher to exit, however long that takes short of the hang guard."""
+        try:
+            return proc.wait(timeout=HANG_GUARD)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"hang guard: watcher still running {HANG_GUARD} s {what}: {self.output()}")
 
     def output(self) -> str:
         return self.log.read_text()
 
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            proc.stdin.close()
+
 
 @pytest.fixture
-def proc_env(tmp_path, run_dir, state_file) -> WatchProcess:
-    return WatchProcess(tmp_path, run_dir, state_file)
+def proc_env(tmp_path, run_dir, state_file):
+    env = WatchProcess(tmp_path, run_dir, state_file)
+    yield env
+    env.close()
 
 
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
@@ -371,17 +444,19 @@ def test_a_signal_during_rescore_exits_promptly_and_a_restart_finishes_once(
     make_checkpoint(run_dir, 2)
     proc = proc_env.start(slow="checkpoint-2")
     proc_env.wait_for(lambda: proc_env.markers_named("start-checkpoint-2"), "rescore", proc)
-    sent = time.monotonic()
     proc.send_signal(sig)
-    assert proc.wait(timeout=10) == code, proc_env.output()
-    assert time.monotonic() - sent < 3
+    # Prompt: checkpoint-2's rescore never ends by itself, so exiting at all means the signal
+    # interrupted it rather than waiting for it to finish.
+    assert proc_env.exit_code(proc, f"after {sig.name}") == code, proc_env.output()
+    assert proc_env.markers_named("done-checkpoint-2") == []
+    assert "re-scoring checkpoint-2 interrupted after" in proc_env.output()
     state = read_state(state_file)
     assert state["in_progress"] == "checkpoint-2"
     assert list(state["done"]) == ["checkpoint-1"]
     assert not state_file.with_name("state.json.lock").exists()
 
     proc = proc_env.start(stop_after=0)
-    assert proc.wait(timeout=15) == 0, proc_env.output()
+    assert proc_env.exit_code(proc, "with stop_after=0") == 0, proc_env.output()
     assert "re-running interrupted checkpoint-2" in proc_env.output()
     assert len(proc_env.markers_named("done-checkpoint-1")) == 1
     assert len(proc_env.markers_named("done-checkpoint-2")) == 1
@@ -404,14 +479,14 @@ def test_a_live_watcher_refuses_another_and_after_sigkill_a_restart_takes_its_lo
     assert second.calls == []
 
     proc.kill()
-    assert proc.wait(timeout=10) == -signal.SIGKILL
+    assert proc_env.exit_code(proc, "after SIGKILL") == -signal.SIGKILL
     lock = state_file.with_name("state.json.lock")
     assert json.loads(lock.read_text())["pid"] == proc.pid  # left behind by kill -9
     assert read_state(state_file)["in_progress"] == "checkpoint-1"
 
     killed = proc.pid
     proc = proc_env.start(stop_after=0)
-    assert proc.wait(timeout=15) == 0, proc_env.output()
+    assert proc_env.exit_code(proc, "with stop_after=0") == 0, proc_env.output()
     assert "taking over stale output lock" in proc_env.output()
     assert f"owner (pid {killed} on host" in proc_env.output()
     assert len(proc_env.markers_named("start-checkpoint-1")) == 2
@@ -427,7 +502,7 @@ def test_a_second_signal_aborts_a_rescore_that_ignores_the_first(proc_env, run_d
     proc.terminate()
     proc_env.wait_for(lambda: proc_env.markers_named("swallowed"), "first signal", proc)
     proc.terminate()
-    assert proc.wait(timeout=5) == -signal.SIGTERM, proc_env.output()
+    assert proc_env.exit_code(proc, "after a second SIGTERM") == -signal.SIGTERM, proc_env.output()
     assert "second signal (SIGTERM); aborting now" in proc_env.output()
     assert read_state(state_file)["in_progress"] == "checkpoint-1"
     assert proc_env.markers_named("done") == []
@@ -444,5 +519,5 @@ def test_sigterm_while_idle_exits_0_even_after_a_rescore_replaced_the_handler(
         proc,
     )
     proc.terminate()
-    assert proc.wait(timeout=5) == 0, proc_env.output()  # not the foreign handler's 99
+    assert proc_env.exit_code(proc, "after SIGTERM") == 0, proc_env.output()  # not the 99
     assert "SIGTERM: stopped between checkpoints" in proc_env.output()

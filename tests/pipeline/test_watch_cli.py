@@ -7,43 +7,99 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from qtune.faults import FAULT_ENV, FAULT_ONCE_ENV, FAULT_SIGNAL_ENV
 from qtune.pipeline.config import load_config
 from qtune.pipeline.score_job import run_score
 from qtune.pipeline.triage_job import run_triage
 from tests.pipeline.test_rescore import _perturbed_checkpoint
 
+# Every wait below is for an event (the watcher freezing at a fault point, the state file
+# recording a checkpoint, a process exiting). This bound only keeps a hang from blocking the
+# session: far above any plausible duration of a Ray run on a loaded 2-core machine. Reaching it
+# fails the test, saying what hung, with the watcher's log.
+HANG_GUARD = 1800
 
-def _wait(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
+
+def _start(
+    config: Path, run_dir: Path, log: Path, *, freeze_at: str | None = None
+) -> subprocess.Popen:
+    """`qtune watch` in its own session (process group): killing the group takes Ray with it.
+
+    ``freeze_at``: the fault point where the watcher stops itself (SIGSTOP), see qtune.faults.
+    """
+    faults = (FAULT_ENV, FAULT_ONCE_ENV, FAULT_SIGNAL_ENV)
+    env = {name: value for name, value in os.environ.items() if name not in faults}
+    if freeze_at:
+        env[FAULT_ENV], env[FAULT_SIGNAL_ENV] = freeze_at, "STOP"
+    with log.open("a") as out:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "qtune.pipeline.cli",
+                "watch",
+                str(config),
+                "--checkpoints",
+                str(run_dir),
+                "--poll",
+                "0.5",
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def _kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _wait_until_frozen(proc: subprocess.Popen, log: Path) -> None:
+    """Block until the watcher stops itself at its fault point; waitpid, no polling."""
+    timer = threading.Timer(HANG_GUARD, _kill_group, (proc,))
+    timer.daemon = True
+    timer.start()
+    try:
+        _, status = os.waitpid(proc.pid, os.WUNTRACED)
+    finally:
+        hung = not timer.is_alive()
+        timer.cancel()
+    if os.WIFSTOPPED(status):
+        return
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+    if hung:
+        pytest.fail(f"hang guard: no fault point after {HANG_GUARD} s:\n{log.read_text()[-3000:]}")
+    pytest.fail(f"watcher exited ({proc.returncode}) before its fault point:\n{log.read_text()}")
+
+
+def _wait_for(predicate, what: str, proc: subprocess.Popen, log: Path) -> None:
+    """Poll for an event; fail at once if the watcher exits first."""
+    deadline = time.monotonic() + HANG_GUARD
+    while not predicate():
+        if proc.poll() is not None:
+            pytest.fail(f"watcher exited ({proc.returncode}) before {what}:\n{log.read_text()}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"hang guard: no {what} after {HANG_GUARD} s:\n{log.read_text()[-3000:]}")
         time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
-def _start(config: Path, run_dir: Path, log: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "qtune.pipeline.cli",
-            "watch",
-            str(config),
-            "--checkpoints",
-            str(run_dir),
-            "--poll",
-            "0.5",
-        ],
-        stdout=log.open("a"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own process group: the kill takes Ray's processes too
-    )
+def _exit_code(proc: subprocess.Popen, what: str, log: Path) -> int:
+    try:
+        return proc.wait(timeout=HANG_GUARD)
+    except subprocess.TimeoutExpired:
+        pytest.fail(
+            f"hang guard: watcher running {HANG_GUARD} s {what}:\n{log.read_text()[-3000:]}"
+        )
 
 
 @pytest.mark.ray
@@ -70,28 +126,31 @@ def test_watch_killed_while_scoring_finishes_the_checkpoint_exactly_once(tmp_pat
     log = tmp_path / "watch.log"
     state = out / ".watch" / "state.json"
 
-    first = _start(config, run_dir, log)
-    staging = out / ".staging"
-    _wait(
-        lambda: staging.is_dir() and any(staging.glob("score-epoch_001*")), 120, "scoring to start"
-    )
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait(timeout=30)
-    assert json.loads(state.read_text())["in_progress"] == "checkpoint-10"
-    assert not (out / "data" / "epoch_001").exists()
-
-    second = _start(config, run_dir, log)
+    # The first watcher freezes once its first partition is scored, before it could finish the
+    # rest or publish: the kill then lands mid-scoring however fast or slow the machine is.
+    first = _start(config, run_dir, log, freeze_at="score.partition_done:1")
+    second = None
     try:
-        _wait(
+        _wait_until_frozen(first, log)
+        assert any((out / ".staging").glob("score-epoch_001*"))  # scoring had started
+        _kill_group(first)  # the watcher and every Ray process it started
+        assert _exit_code(first, "after SIGKILL", log) == -signal.SIGKILL
+        assert json.loads(state.read_text())["in_progress"] == "checkpoint-10"
+        assert not (out / "data" / "epoch_001").exists()
+
+        second = _start(config, run_dir, log)
+        _wait_for(
             lambda: state.is_file() and "checkpoint-10" in json.loads(state.read_text())["done"],
-            180,
-            "the restarted watcher to finish checkpoint-10",
+            "checkpoint-10 done by the restarted watcher",
+            second,
+            log,
         )
-        os.killpg(second.pid, signal.SIGTERM)  # idle now: a clean stop
-        assert second.wait(timeout=60) == 0, log.read_text()[-3000:]
+        _kill_group(second, signal.SIGTERM)  # idle now: a clean stop
+        assert _exit_code(second, "after SIGTERM", log) == 0, log.read_text()[-3000:]
     finally:
-        if second.poll() is None:
-            os.killpg(second.pid, signal.SIGKILL)
+        for proc in (first, second):
+            if proc is not None:
+                _kill_group(proc)  # what is left: Ray's processes, or a watcher that hung
 
     done = json.loads(state.read_text())["done"]
     assert (

@@ -16,6 +16,7 @@ from qtune.stages.ingest import (
     Source,
     content_hash,
     detect_source_format,
+    discover_inputs,
     discover_sources,
     plan_source,
     raw_texts,
@@ -39,6 +40,17 @@ def _read(path: Path, kind: str, fmt: str = "auto") -> pa.Table:
     return table
 
 
+def _compact(messages: list[dict] | None) -> list[dict] | None:
+    """A MESSAGES value without the struct fields its turns do not have (Arrow fills nulls)."""
+    if messages is None:
+        return None
+    return [{k: v for k, v in m.items() if v is not None or k == "content"} for m in messages]
+
+
+def _messages(table: pa.Table, row: int) -> list[dict] | None:
+    return _compact(table.column(schema.MESSAGES)[row].as_py())
+
+
 def _write_jsonl(path: Path, rows: list) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -47,7 +59,7 @@ def _write_jsonl(path: Path, rows: list) -> Path:
 def test_messages_jsonl_multi_turn(tmp_path):
     table = _read(_write_jsonl(tmp_path / "a.jsonl", [{"id": 7, "messages": CHAT}] * 3), "jsonl")
     assert table.num_rows == 3
-    assert table.column(schema.MESSAGES)[0].as_py() == CHAT
+    assert _messages(table, 0) == CHAT
     assert table.column(schema.SAMPLE_ID).to_pylist() == ["7"] * 3
     assert table.column(schema.FORMAT).to_pylist() == ["messages"] * 3
     assert table.column(schema.ROW_INDEX).to_pylist() == [0, 1, 2]
@@ -69,19 +81,17 @@ def test_sharegpt_json_array(tmp_path):
     path.write_text(json.dumps(rows))
     table = _read(path, "json")
     assert table.column(schema.FORMAT).to_pylist() == ["sharegpt"] * 2
-    assert table.column(schema.MESSAGES)[0].as_py() == [
+    assert _messages(table, 0) == [
         {"role": "user", "content": "Hi"},
         {"role": "assistant", "content": "Yo"},
     ]
-    assert [m["role"] for m in table.column(schema.MESSAGES)[1].as_py()] == [
+    assert [m["role"] for m in _messages(table, 1)] == [
         "system",
         "user",
         "assistant",
     ]
     # No id column: a stable content hash.
-    assert table.column(schema.SAMPLE_ID)[0].as_py() == content_hash(
-        table.column(schema.MESSAGES)[0].as_py()
-    )
+    assert table.column(schema.SAMPLE_ID)[0].as_py() == content_hash(_messages(table, 0))
 
 
 def test_alpaca_parquet(tmp_path):
@@ -93,7 +103,7 @@ def test_alpaca_parquet(tmp_path):
         path,
     )
     table = _read(path, "parquet")
-    assert table.column(schema.MESSAGES).to_pylist() == [
+    assert [_compact(m) for m in table.column(schema.MESSAGES).to_pylist()] == [
         [{"role": "user", "content": "Reverse\n\nabc"}, {"role": "assistant", "content": "cba"}],
         [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}],
     ]
@@ -109,11 +119,11 @@ def test_prompt_completion_strings_and_conversational(tmp_path):
     ]
     table = _read(_write_jsonl(tmp_path / "pc.jsonl", rows), "jsonl")
     assert table.column(schema.FORMAT).to_pylist() == ["prompt_completion"] * 2
-    assert table.column(schema.MESSAGES)[0].as_py() == [
+    assert _messages(table, 0) == [
         {"role": "user", "content": "Q: 1+1\nA:"},
         {"role": "assistant", "content": " 2"},
     ]
-    assert table.column(schema.MESSAGES)[1].as_py()[1] == {"role": "assistant", "content": "Yo"}
+    assert _messages(table, 1)[1] == {"role": "assistant", "content": "Yo"}
 
 
 def test_saved_dataset_and_dataset_dict(tmp_path):
@@ -190,6 +200,34 @@ def test_corrupt_parquet_is_reported_with_its_path(tmp_path):
             b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", '
             b'"content": "  "}]}',
             "empty_assistant",
+        ),
+        # An empty turn anywhere, not only when every turn is empty: it would train on a bare
+        # end-of-turn token.
+        (
+            b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", '
+            b'"content": ""}, {"role": "user", "content": "q"}, {"role": "assistant", '
+            b'"content": "x"}]}',
+            "empty_assistant",
+        ),
+        (
+            b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", '
+            b'"content": null, "tool_calls": "call it"}]}',
+            "invalid_tool_calls",
+        ),
+        (
+            b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", '
+            b'"content": null, "tool_calls": [{"type": "function", "function": {}}]}]}',
+            "invalid_tool_calls",
+        ),
+        (
+            b'{"messages": [{"role": "user", "content": "q", "tool_calls": [{"name": "f"}]}, '
+            b'{"role": "assistant", "content": "a"}]}',
+            "invalid_tool_calls",
+        ),
+        (
+            b'{"tools": "not json", "messages": [{"role": "user", "content": "q"}, '
+            b'{"role": "assistant", "content": "a"}]}',
+            "invalid_tool_calls",
         ),
     ],
 )
@@ -335,3 +373,80 @@ def test_raw_texts_reads_original_rows_back(tmp_path):
     (partition,) = plan_source(Source(str(path), "jsonl"), "messages", 0, 10)
     texts = raw_texts(partition, [1, 3])
     assert set(texts) == {1, 3} and json.loads(texts[3])["id"] == 3
+
+
+def test_tool_calls_reasoning_and_tools_are_kept_for_the_template(tmp_path):
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": {"x": 1}}}
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    row = {
+        "tools": tools,
+        "messages": [
+            {"role": "user", "content": "q"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "c1", "name": "f", "content": "42"},
+            {"role": "assistant", "content": "It is 42.", "reasoning_content": "f said 42"},
+        ],
+    }
+    table = _read(_write_jsonl(tmp_path / "t.jsonl", [row]), "jsonl")
+    assert table.column(schema.REJECT_REASON)[0].as_py() is None
+    messages = _messages(table, 0)
+    assert json.loads(messages[1].pop("tool_calls")) == [call]
+    assert messages == [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": None},
+        {"role": "tool", "content": "42", "tool_call_id": "c1", "name": "f"},
+        {"role": "assistant", "content": "It is 42.", "reasoning_content": "f said 42"},
+    ]
+    assert json.loads(table.column(schema.TOOLS)[0].as_py()) == tools
+
+
+def test_a_utf8_bom_does_not_cost_the_first_row(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(
+        b"\xef\xbb\xbf"
+        + b"".join(json.dumps({"messages": CHAT}).encode() + b"\n" for _ in range(2))
+    )
+    table = _read(path, "jsonl")
+    assert table.column(schema.REJECT_REASON).to_pylist() == [None, None]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl.gz", ".jsonl.zst", ".json.gz", ".jsonl.bz2"])
+def test_compressed_inputs_are_read_in_partitions(tmp_path, suffix):
+    import pyarrow as pa
+
+    rows = [{"id": i, "messages": CHAT} for i in range(10)]
+    if ".jsonl" in suffix:
+        data = b"".join(json.dumps(r).encode() + b"\n" for r in rows)
+    else:
+        data = json.dumps(rows).encode()
+    codec = {".gz": "gzip", ".zst": "zstd", ".bz2": "bz2"}[Path(suffix).suffix]
+    path = tmp_path / f"rows{suffix}"
+    with pa.output_stream(str(path), compression=codec) as stream:
+        stream.write(data)
+    [source] = discover_sources(str(tmp_path))
+    assert source.path == str(path)
+    partitions = plan_source(source, detect_source_format(source), 0, rows_per_partition=4)
+    assert [p.row_count for p in partitions] == [4, 4, 2]
+    table = pa.concat_tables([t for p in partitions for t in read_partition(p)])
+    assert table.column(schema.SAMPLE_ID).to_pylist() == [str(i) for i in range(10)]
+    assert table.column(schema.REJECT_REASON).null_count == 10
+
+
+def test_everything_skipped_in_an_input_folder_is_listed_with_why(tmp_path):
+    _write_jsonl(tmp_path / "a.jsonl", [{"messages": CHAT}])
+    (tmp_path / "notes.txt").write_text("not data")
+    (tmp_path / "gone.jsonl").symlink_to(tmp_path / "deleted.jsonl")
+    (tmp_path / ".git").mkdir()
+    for i in range(3):
+        (tmp_path / ".git" / f"object{i}").write_text("x")
+    (tmp_path / "_SUCCESS").write_text("")
+    sources, skipped = discover_inputs(str(tmp_path))
+    assert [s.path for s in sources] == [str(tmp_path / "a.jsonl")]
+    reasons = {Path(s.path).name: s.reason for s in skipped}
+    assert set(reasons) == {"notes.txt", "gone.jsonl", ".git", "_SUCCESS"}  # .git listed once
+    assert reasons["gone.jsonl"].startswith("dangling symlink")
+    assert reasons["notes.txt"].startswith("unsupported file type")
+    assert reasons[".git"].startswith("hidden name")
+    # A glob that matches a dangling link skips it rather than failing the whole input.
+    sources, skipped = discover_inputs(str(tmp_path / "*.jsonl"))
+    assert [Path(s.path).name for s in skipped] == ["gone.jsonl"] and len(sources) == 1

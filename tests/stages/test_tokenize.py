@@ -139,6 +139,7 @@ def test_stage_batch_flags_rejects_and_keeps_alignment(model_with_template):
             schema.FORMAT: ["messages", None, "messages"],
             schema.METADATA: [None, None, None],
             schema.MESSAGES: [CHAT, None, long_chat],
+            schema.TOOLS: [None, None, None],
             schema.RAW: [None, "{", None],
             schema.REJECT_REASON: [None, "invalid_json", None],
             schema.REJECT_DETAIL: [None, "bad", None],

@@ -40,6 +40,8 @@ class Score:
     benchmarks/pipeline_overhead.py). Only scoring actors build one. A backend that cannot start
     does not fail the constructor: its ScoringSetupError is raised by the first batch, where it
     reaches the driver as itself (an actor's constructor error arrives as ActorDiedError text).
+    The backend is closed when the Score is dropped (``__del__``, which Ray Data triggers as
+    the actor exits) or by ``close()``.
     """
 
     def __init__(self, backend: str, options: ScoringOptions, window_rows: int = 256):
@@ -54,6 +56,7 @@ class Score:
             self._setup_error = e
 
     def _start(self) -> ScoringBackend:
+        fault_point("score.backend_start")
         try:
             return create_backend(self.backend_name, self.options)
         except ScoringSetupError:
@@ -144,9 +147,25 @@ class Score:
         return results
 
     def close(self) -> None:
-        if self._backend is not None:
-            self._backend.close()
-            self._backend = None
+        """Shut the backend (engine) down; a later batch would start it again."""
+        backend, self._backend = getattr(self, "_backend", None), None
+        if backend is not None:
+            fault_point("score.backend_closing")
+            backend.close()
+            fault_point("score.backend_closed")
+
+    def __del__(self) -> None:
+        # Ray Data's only teardown hook for an actor's UDF: when the dataset is done, the actor
+        # exits gracefully and drops its UDF (MapWorker.__ray_shutdown__) before Ray's core
+        # worker in it is torn down. Closing the engine here shuts it down in order, instead of
+        # leaving it to interpreter exit (vLLM's finalizer then runs after the core worker is
+        # gone, beside the engine's own threads). The driver waits for this before it shuts
+        # embedded Ray down. Not called when the actor is killed: the process just ends.
+        try:
+            self.close()
+        except Exception as e:  # noqa: BLE001 - a destructor cannot raise; say what failed
+            name = getattr(self, "backend_name", "?")
+            logger.warning("closing the %s scoring backend failed: %s", name, e)
 
 
 # Scored-cache columns a re-score needs: the token ids and loss positions, fixed since epoch 0.
@@ -178,6 +197,7 @@ def tokenized_from_cache(batch: pa.Table, partition: int = 0) -> pa.Table:
         {
             schema.PARTITION: pa.array(np.full(n, partition, dtype=np.int32)),
             schema.MESSAGES: pa.nulls(n, pa.list_(schema.MESSAGE_TYPE)),
+            schema.TOOLS: pa.nulls(n, pa.string()),
             schema.RAW: pa.nulls(n, pa.string()),
             schema.REJECT_REASON: pa.nulls(n, pa.string()),
             schema.REJECT_DETAIL: pa.nulls(n, pa.string()),

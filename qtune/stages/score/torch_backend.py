@@ -92,6 +92,7 @@ class TorchBackend:
         return results  # type: ignore[return-value]
 
     def close(self) -> None:
-        del self.model, self.decoder, self.lm_head
+        for name in ("model", "decoder", "lm_head"):  # idempotent
+            self.__dict__.pop(name, None)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

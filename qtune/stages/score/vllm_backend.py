@@ -115,9 +115,14 @@ class VllmBackend:
         return [o.outputs.data.float().numpy() for o in outputs]
 
     def close(self) -> None:
-        # vLLM has no public shutdown: stop the engine core, then drop every reference.
-        engine_core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        """Stop the engine (idempotent). vLLM has no public shutdown: stop the engine core (on
+        CPU, in-process: its executor, then torch.distributed's groups), drop every reference,
+        collect. Without it the engine core's finalizer runs at interpreter exit instead."""
+        llm = self.__dict__.pop("llm", None)
+        if llm is None:
+            return
+        engine_core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
         if engine_core is not None and hasattr(engine_core, "shutdown"):
             engine_core.shutdown()
-        del self.llm
+        del llm, engine_core
         gc.collect()

@@ -92,6 +92,7 @@ def _literal_batch(ids: list[np.ndarray], masks: list[np.ndarray]) -> pa.Table:
             schema.FORMAT: ["messages"] * 3,
             schema.METADATA: pa.nulls(3, pa.string()),
             schema.MESSAGES: pa.nulls(3, pa.list_(schema.MESSAGE_TYPE)),
+            schema.TOOLS: pa.nulls(3, pa.string()),
             schema.RAW: [None, "{}", None],
             schema.REJECT_REASON: [None, "invalid_json", None],
             schema.REJECT_DETAIL: [None, "x", None],
@@ -128,7 +129,6 @@ def test_score_stage_on_literal_batch(llama_dir, tokenizer):
 @pytest.mark.vllm
 def test_vllm_engine_that_cannot_start_fails_fast_with_its_reason(llama_dir, tmp_path):
     import shutil
-    import time
 
     from qtune.stages.score import ScoringSetupError
 
@@ -136,13 +136,13 @@ def test_vllm_engine_that_cannot_start_fails_fast_with_its_reason(llama_dir, tmp
     shutil.copytree(llama_dir, broken)
     weights = broken / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
-    started = time.monotonic()
+    # Fast = it raises (no wait on an engine process that never comes up); not timed, since a
+    # busy machine can take minutes just to import vLLM.
     with pytest.raises(ScoringSetupError) as error:
         create_backend("vllm", ScoringOptions(model_path=str(broken), max_length=256))
     # The engine runs in-process on CPU, so its own reason is in the message, not only a log.
     assert "vLLM engine failed to start" in str(error.value)
     assert "header" in str(error.value).lower() or "safetensor" in str(error.value).lower()
-    assert time.monotonic() - started < 60
 
 
 def test_score_stage_starts_its_backend_when_built(monkeypatch):
@@ -153,6 +153,40 @@ def test_score_stage_starts_its_backend_when_built(monkeypatch):
     monkeypatch.setattr(stage_module, "create_backend", lambda name, opts: started.append(name))
     Score("torch", ScoringOptions(model_path="unused", max_length=64))
     assert started == ["torch"]
+
+
+class _FakeBackend:
+    def __init__(self, options: ScoringOptions):
+        self.closed = 0
+
+    def score(self, sequences: list[np.ndarray]) -> list[np.ndarray]:
+        return [np.zeros((len(s), 2), np.float32) for s in sequences]
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+def test_score_stage_closes_its_backend_when_dropped(monkeypatch):
+    """Ray Data's teardown of a scoring actor drops the Score (MapWorker.__ray_shutdown__): the
+    engine must be shut down then, while Ray still runs, not at interpreter exit."""
+    import gc
+
+    from qtune.stages import score as score_module
+
+    monkeypatch.setitem(score_module.BACKENDS, "fake", f"{__name__}:_FakeBackend")
+    stage = Score("fake", ScoringOptions(model_path="unused", max_length=64))
+    backend = stage.backend
+    del stage
+    gc.collect()  # CPython frees it at once; this only makes the test independent of that
+    assert backend.closed == 1
+
+    stage = Score("fake", ScoringOptions(model_path="unused", max_length=64))
+    backend = stage.backend
+    stage.close()
+    stage.close()
+    del stage
+    gc.collect()
+    assert backend.closed == 1  # once: close() is idempotent and __del__ adds nothing
 
 
 def test_score_stage_reports_a_backend_that_cannot_start_at_its_first_batch(
