@@ -188,7 +188,7 @@ def _source_locations(paths: Any) -> dict[str, ingest.Source]:
     if not paths:
         return {}
     try:
-        sources = ingest.discover_sources(paths)
+        sources, _already_reported_by_the_run = ingest.discover_inputs(paths)
     except ingest.InputError:
         return {}
     return {storage.without_query(s.path): s for s in sources}

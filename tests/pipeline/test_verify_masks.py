@@ -4,6 +4,7 @@ every checksum, count and budget of the version has been made to agree with it."
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -57,6 +58,14 @@ def test_a_clean_run_rederives_every_mask(out, mixed):
     assert not report.notes, report.notes
     sampled = verify_version(out)  # default: a sample (here every row: fewer than the sample)
     assert sampled.checks["masks_rederived"] == min(report.checks["rows"], 256)
+
+
+def test_verify_does_not_log_the_inputs_the_run_already_skipped(out, caplog):
+    """The corpus holds files that are not inputs (notes.txt, _SUCCESS, a dangling link): the run
+    reported them; verify re-reading the corpus must not print them again above its "ok" line."""
+    caplog.set_level(logging.DEBUG)
+    assert verify_version(out).ok
+    assert not [r for r in caplog.records if "skipped" in r.getMessage()], caplog.text
 
 
 def test_a_mask_moved_onto_the_prompt_fails_verify(out):
