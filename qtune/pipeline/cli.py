@@ -301,6 +301,7 @@ def print_triage_summary(summary: TriageSummary) -> None:
                 ("dropped samples", f"{summary.dropped:,}"),
                 ("rejected rows", f"{summary.rejected:,}"),
                 ("kept loss tokens", f"{summary.kept_loss_tokens:,} ({share:.1%} of all)"),
+                *_signal_rows(summary.signals),
                 ("shards", f"{summary.files}"),
                 ("triage time", f"{summary.seconds:,.1f} s"),
             ],
@@ -312,6 +313,8 @@ def print_triage_summary(summary: TriageSummary) -> None:
         print_coverage(summary.coverage, summary.thresholds)
     if summary.migration:
         print_migration(summary.migration)
+    for warning in summary.warnings:
+        err_console.print(f"[yellow]warning:[/yellow] {escape(warning)}", soft_wrap=True)
     if summary.limit:
         console.print(_partial_notice(summary.limit))
     console.print(f"published: {summary.version_dir}")
@@ -324,6 +327,24 @@ def print_triage_summary(summary: TriageSummary) -> None:
     else:
         console.print("  from datasets import load_dataset", highlight=False)
         console.print(f'  train = load_dataset("{summary.output_dir}")["train"]', highlight=False)
+
+
+def _signal_rows(signals: dict) -> list[tuple[str, str]]:
+    """Summary rows: kept samples that barely carry a loss, and the extreme-PPL tail's share."""
+    if not signals:
+        return []
+    tail = signals["ppl_tail"]
+    return [
+        (
+            "kept with <= 1 loss token",
+            f"{signals['at_most_one_loss_token']:,} "
+            f"({signals['at_most_one_loss_token_share']:.1%})",
+        ),
+        (
+            f"kept from the top {1 - tail['quantile']:.0%} PPL",
+            f"{tail['kept_share']:.1%} of kept (input: {tail['input_share']:.1%})",
+        ),
+    ]
 
 
 def _partial_notice(limit: int) -> str:
@@ -395,20 +416,6 @@ def print_coverage(coverage: dict, thresholds: dict) -> None:
             "[red]under-covered[/red]" if g["under_covered"] else "",
         )
     console.print(table)
-    if coverage["under_covered"]:
-        err_console.print(
-            f"[yellow]warning:[/yellow] under-represented in the kept samples: "
-            f"{', '.join(coverage['under_covered'])} (kept share below "
-            f"{coverage['min_share_fraction']:.0%} of input share)"
-            + (
-                ""
-                if thresholds.get("scope") == "group"
-                else f"; use --set qtuning.scope=group --set qtuning.group_by="
-                f"{coverage['group_by']}"
-            ),
-            highlight=False,
-            soft_wrap=True,
-        )
 
 
 def print_migration(migration: dict) -> None:

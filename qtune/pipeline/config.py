@@ -129,6 +129,10 @@ class ScoringConfig(_Section):
         return _registered(value, BACKENDS, "backend")
 
 
+#: Default of ``qtuning.min_prunable_tokens``; README "Pruning guards" gives the measurement.
+MIN_PRUNABLE_TOKENS = 16
+
+
 class QTuningConfig(_Section):
     policy: str = Field(
         "qtuning",
@@ -148,6 +152,17 @@ class QTuningConfig(_Section):
     )
     lam: float = Field(
         0.5, ge=0, le=1, description="lambda: weight of the two neighbours in the token score."
+    )
+    keep_end_of_turn: bool = Field(
+        True,
+        description="Guard (not in the paper): token pruning never masks a turn's end-of-turn "
+        "token and leaves it out of the budget; masking it teaches the model not to stop.",
+    )
+    min_prunable_tokens: int = Field(
+        MIN_PRUNABLE_TOKENS,
+        ge=0,
+        description="Guard (not in the paper): responses with fewer prunable tokens (response "
+        "tokens other than end-of-turn tokens) keep all of them even in Q2; 0 turns it off.",
     )
     scope: Literal["global", "batch", "group"] = Field(
         "global",

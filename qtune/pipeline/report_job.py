@@ -526,7 +526,8 @@ def build_stats(version: PublishedVersion, *, max_points: int, seed: int) -> dic
         "groups": _per_group(version),
         "migration": migration,
         "migration_note": migration_note,
-        "notes": list(version.notes),
+        "signals": manifest.get("signals") or {},
+        "notes": [*(manifest.get("warnings") or []), *version.notes],
     }
 
 

@@ -23,7 +23,12 @@ import pyarrow.parquet as pq
 
 from qtune import schema
 from qtune.faults import fault_point
-from qtune.pipeline.config import QTuneConfig, QTuningConfig, check_output_location
+from qtune.pipeline.config import (
+    MIN_PRUNABLE_TOKENS,
+    QTuneConfig,
+    QTuningConfig,
+    check_output_location,
+)
 from qtune.pipeline.errors import PipelineError, one_line
 from qtune.pipeline.layout import DROPPED_INDEX, VERSION_TRAIN, OutputLayout, epoch_name
 from qtune.pipeline.lock import OutputLock
@@ -32,8 +37,20 @@ from qtune.pipeline.publish import MANIFEST, publish_version, sha256_text
 from qtune.pipeline.remote_sync import check_writable, output_layout, pull_remote, push
 from qtune.schema import DropReason
 from qtune.stages.shards import ShardWriter, build_shard_rows, file_sha256, stamp_files
-from qtune.stages.token_prune import prune_loss_mask
-from qtune.stages.triage import QUADRANT_NAMES, QUADRANTS, Decisions, coverage, triage
+from qtune.stages.token_prune import (
+    end_of_turn_positions,
+    prune_loss_mask,
+    pruned_after_guards,
+)
+from qtune.stages.triage import (
+    QUADRANT_NAMES,
+    QUADRANTS,
+    THIN_LOSS_WARN_SHARE,
+    Decisions,
+    coverage,
+    selection_signals,
+    triage,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +69,7 @@ SHARD_INPUT_COLUMNS = [
     schema.INPUT_IDS,
     schema.LOSS_MASK,
     schema.TOKEN_LOGPROB,
+    schema.TRUNCATED,
     schema.PPL,
     schema.ENTROPY,
 ]
@@ -79,6 +97,8 @@ class TriageSummary:
     skipped_inputs: list[dict[str, str]] = field(default_factory=list)
     stages: list[dict] = field(default_factory=list)  # scoring's stages, then triage's
     coverage: dict = field(default_factory=dict)  # per group: input vs kept share
+    signals: dict = field(default_factory=dict)  # thin loss masks, extreme-PPL tail share
+    warnings: list[str] = field(default_factory=list)  # what a user must look at before training
     limit: int | None = None  # a partial (--limit) run
     files: int = 0
     seconds: float = 0.0
@@ -173,6 +193,37 @@ def _quadrant_table(
     return table
 
 
+def selection_warnings(group_coverage: dict, signals: dict, q: QTuningConfig) -> list[str]:
+    """The selection's problems a user must see before training on it (summary, manifest,
+    report): groups starved of kept samples, and kept samples that barely carry a loss."""
+    warnings = []
+    if group_coverage["under_covered"]:
+        hint = ""
+        if q.scope != "group":
+            hint = (
+                "; triage within each group keeps every part: use --set qtuning.scope=group "
+                f"--set qtuning.group_by={q.group_by or 'file'}"
+            )
+        warnings.append(
+            f"under-represented in the kept samples: {', '.join(group_coverage['under_covered'])} "
+            f"(kept share below {100 * q.coverage_min_fraction:.0f}% of input share){hint}"
+        )
+    share = signals["at_most_one_loss_token_share"]
+    if signals["kept_samples"] and share > THIN_LOSS_WARN_SHARE:
+        guards = []
+        if not q.keep_end_of_turn:
+            guards.append("qtuning.keep_end_of_turn=true")
+        if q.min_prunable_tokens < 2:
+            guards.append(f"qtuning.min_prunable_tokens={MIN_PRUNABLE_TOKENS}")
+        hint = f"; turn the pruning guards on: {', '.join(guards)}" if guards else ""
+        warnings.append(
+            f"{signals['at_most_one_loss_token']:,} of {signals['kept_samples']:,} kept samples "
+            f"({100 * share:.0f}%) carry at most one loss token: training would learn little "
+            f"beyond where turns end{hint}"
+        )
+    return warnings
+
+
 def _dropped_index(
     stats: pa.Table, decisions: Decisions, policy: str, groups: np.ndarray
 ) -> pa.Table:
@@ -232,7 +283,9 @@ def _prune_and_write(
 ) -> tuple[np.ndarray, int]:
     """Stream the scored cache once: prune the kept samples' tokens and write their shard rows.
 
-    Returns kept loss tokens per sample (0 for dropped ones) and the number of rows read.
+    ``token_pruned`` is narrowed in place by the guards (a response too short to prune keeps its
+    tokens and is not recorded as token-pruned). Returns kept loss tokens per sample (0 for
+    dropped ones) and the number of rows read.
     """
     kept_loss = np.zeros(len(decisions.kept), dtype=np.int64)
     offset = 0
@@ -252,6 +305,14 @@ def _prune_and_write(
                 batch.column(schema.LOSS_MASK)
             )
             _, logprob = schema.list_offsets_and_values(batch.column(schema.TOKEN_LOGPROB))
+            if q.keep_end_of_turn:
+                truncated = batch.column(schema.TRUNCATED).to_numpy(zero_copy_only=False)
+                end_of_turn = end_of_turn_positions(token_offsets, loss_mask, truncated)
+            else:
+                end_of_turn = np.zeros(len(loss_mask), dtype=bool)
+            token_pruned[index] = pruned_after_guards(
+                token_offsets, loss_mask, end_of_turn, token_pruned[index], q.min_prunable_tokens
+            )
             new_mask = prune_loss_mask(
                 token_offsets,
                 loss_mask,
@@ -261,6 +322,7 @@ def _prune_and_write(
                 q.lam,
                 q.token_policy,
                 decisions.keys[index],
+                end_of_turn,
             )
             rows = build_shard_rows(
                 batch,
@@ -387,7 +449,7 @@ def _triage(
         )
     token_pruned = decisions.token_pruned & (q.token_policy != "none")
     logger.info(
-        "triage (%s, %s scope): kept %d of %d samples; token pruning in %d",
+        "triage (%s, %s scope): kept %d of %d samples; %d to token-prune",
         q.policy,
         q.scope,
         decisions.kept.sum(),
@@ -413,9 +475,18 @@ def _triage(
         writer = ShardWriter(
             staging / VERSION_TRAIN, min(cfg.output.num_shards, n_kept), cfg.output.row_group_rows
         )
+        to_prune = int(token_pruned.sum())
         with StepProgress("pruning and writing", len(decisions.kept)) as progress:
             kept_loss, offset = _prune_and_write(
                 files, decisions, token_pruned, q, writer, progress, groups
+            )
+        if to_prune > token_pruned.sum():
+            logger.info(
+                "%d of the %d samples to token-prune kept every token: fewer than "
+                "qtuning.min_prunable_tokens (%d) prunable response tokens",
+                to_prune - int(token_pruned.sum()),
+                to_prune,
+                q.min_prunable_tokens,
             )
         if offset != len(decisions.kept):
             raise PipelineError(f"{scores_dir} changed while it was being triaged")
@@ -451,17 +522,10 @@ def _triage(
             "group_by": q.group_by or "file",
             **coverage(groups, decisions.kept, kept_loss, q.coverage_min_fraction),
         }
-        if group_coverage["under_covered"]:
-            logger.warning(
-                "under-represented among the kept samples (kept share below %.0f%% of input "
-                "share): %s%s",
-                100 * q.coverage_min_fraction,
-                ", ".join(group_coverage["under_covered"]),
-                ""
-                if q.scope == "group"
-                else f"; triage within each group keeps every part: --set qtuning.scope=group "
-                f"--set qtuning.group_by={q.group_by or 'file'}",
-            )
+        signals = selection_signals(stats.column(schema.PPL).to_numpy(), decisions.kept, kept_loss)
+        warnings = selection_warnings(group_coverage, signals, q)
+        for warning in warnings:
+            logger.warning("%s", warning)
         migration = migration_from_parent(target, epoch - 1, stats, decisions) if epoch else None
         timings["total_s"] = time.perf_counter() - started
         manifest = {
@@ -500,6 +564,8 @@ def _triage(
             },
             "migration": migration,
             "coverage": group_coverage,
+            "signals": signals,
+            "warnings": warnings,
             "scores": {"dir": str(scores_dir), "summary": score_summary},
             "timings": timings,
             "stages": {"scoring": score_summary.get("stages", []), "triage": stages.to_list()},
@@ -539,6 +605,8 @@ def _triage(
         files=len(shard_files),
         stages=score_summary.get("stages", []) + stages.to_list(),
         coverage=group_coverage,
+        signals=signals,
+        warnings=warnings,
         limit=score_summary.get("limit"),
         seconds=time.perf_counter() - started,
         timings=timings,

@@ -52,6 +52,7 @@ from qtune.pipeline.publish import MANIFEST, latest_epoch, read_manifest
 from qtune.pipeline.remote_sync import output_layout
 from qtune.stages.eu_plane import keep_count
 from qtune.stages.shards import file_sha256
+from qtune.stages.token_prune import end_of_turn_positions
 
 CARD = "README.md"
 MAX_IDS = 5  # sample ids named per kind of problem
@@ -430,6 +431,39 @@ def _check_dropped(
 
 
 # --- 4. token budget ------------------------------------------------------------------------------
+_END_OF_TURN_TOKENS = "end_of_turn_tokens"
+_COUNTS_SCHEMA = pa.schema(
+    [
+        pa.field(schema.SAMPLE_ID, pa.string()),
+        pa.field(schema.N_RESPONSE_TOKENS, pa.int32()),
+        pa.field(_END_OF_TURN_TOKENS, pa.int64()),
+    ]
+)
+
+
+def _response_counts(path: Path, guarded: bool) -> pa.Table:
+    """sample_id, n_response_tokens and, under the end-of-turn guard, each sample's end-of-turn
+    token count (0 without it), read from one scored-cache file a batch at a time."""
+    columns = [schema.SAMPLE_ID, schema.N_RESPONSE_TOKENS, schema.LOSS_MASK, schema.TRUNCATED]
+    parts = []
+    for batch in pq.ParquetFile(path).iter_batches(columns=columns):
+        n_rows = batch.num_rows
+        ends = np.zeros(n_rows, dtype=np.int64)
+        if guarded:
+            offsets, mask = schema.list_offsets_and_values(batch.column(schema.LOSS_MASK))
+            truncated = batch.column(schema.TRUNCATED).to_numpy(zero_copy_only=False)
+            flags = end_of_turn_positions(offsets, mask, truncated)
+            row_of = np.repeat(np.arange(n_rows), np.diff(offsets))
+            ends = np.bincount(row_of[flags], minlength=n_rows)
+        parts.append(
+            pa.table(
+                [batch.column(schema.SAMPLE_ID), batch.column(schema.N_RESPONSE_TOKENS), ends],
+                schema=_COUNTS_SCHEMA,
+            )
+        )
+    return pa.concat_tables(parts) if parts else _COUNTS_SCHEMA.empty_table()
+
+
 def _check_token_budget(
     layout: OutputLayout,
     epoch: int,
@@ -460,10 +494,12 @@ def _check_token_budget(
     if not isinstance(ratio, int | float):
         report.problems.append(f"{MANIFEST}: no qtuning.token_ratio; token budget not checked")
         return
+    qtuning = manifest.get("qtuning") or {}
+    guarded = bool(qtuning.get("keep_end_of_turn"))  # absent: a version from before the guards
     parts = []
     for path in cache_files:
         try:
-            parts.append(pq.read_table(path, columns=[schema.SAMPLE_ID, schema.N_RESPONSE_TOKENS]))
+            parts.append(_response_counts(path, guarded))
         except _READ_ERRORS as e:
             rel = path.relative_to(layout.root).as_posix()
             report.problems.append(
@@ -484,19 +520,33 @@ def _check_token_budget(
             f"{int(unknown.sum())} kept sample(s) not in the scored cache {where}: {names}"
         )
     n_response = pc.fill_null(n_response, 0).to_numpy().astype(np.int64)
+    n_end = pc.fill_null(joined.column(_END_OF_TURN_TOKENS), 0).to_numpy().astype(np.int64)
     num_loss = pc.fill_null(joined.column(schema.NUM_LOSS_TOKENS), 0).to_numpy()
     pruned = pc.fill_null(joined.column(schema.TOKEN_PRUNED), False).to_numpy(zero_copy_only=False)
-    budget = keep_count(float(ratio), n_response)
+    prunable = n_response - n_end
+    budget = keep_count(float(ratio), prunable) + n_end
     over = ~unknown & pruned & (num_loss > budget)
     if over.any():
         rows = np.flatnonzero(over)[:MAX_IDS]
         named = ", ".join(
             f"{ids[int(i)].as_py()} ({num_loss[i]} > {budget[i]} of {n_response[i]})" for i in rows
         )
+        rule = f"max(1, floor({ratio} * n_response))"
+        if guarded:
+            rule = f"max(1, floor({ratio} * prunable)) + end-of-turn tokens"
         report.problems.append(
-            f"{int(over.sum())} token-pruned sample(s) over the token budget "
-            f"max(1, floor({ratio} * n_response)): {named}"
+            f"{int(over.sum())} token-pruned sample(s) over the token budget {rule}: {named}"
         )
+    minimum = qtuning.get("min_prunable_tokens")
+    if isinstance(minimum, int):
+        too_short = ~unknown & pruned & (prunable < minimum)
+        if too_short.any():
+            rows = np.flatnonzero(too_short)[:MAX_IDS]
+            named = ", ".join(f"{ids[int(i)].as_py()} ({prunable[i]})" for i in rows)
+            report.problems.append(
+                f"{int(too_short.sum())} token-pruned sample(s) with fewer prunable tokens than "
+                f"qtuning.min_prunable_tokens ({minimum}): {named}"
+            )
     short = ~unknown & ~pruned & (num_loss != n_response)
     if short.any():
         rows = np.flatnonzero(short)[:MAX_IDS]

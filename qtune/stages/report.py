@@ -743,6 +743,13 @@ def _overview(stats: dict[str, Any]) -> str:
                 f"lam {q.get('lam', '?')}"
             ),
         ),
+        (
+            "pruning guards",
+            _fmt(
+                f"keep_end_of_turn {q.get('keep_end_of_turn', 'off (older version)')}, "
+                f"min_prunable_tokens {q.get('min_prunable_tokens', 'off (older version)')}"
+            ),
+        ),
         ("input rows", _fmt(counts.get("input_rows"))),
         ("scored", _fmt(counts.get("scored"))),
         ("kept", _fmt(counts.get("kept"))),
@@ -757,6 +764,23 @@ def _overview(stats: dict[str, Any]) -> str:
     resp, loss = counts.get("response_tokens"), counts.get("kept_loss_tokens")
     if isinstance(resp, int) and isinstance(loss, int) and resp:
         rows.append(("loss tokens kept, of all response tokens", _pct(loss / resp)))
+    signals = stats.get("signals") or {}
+    if signals:
+        tail = signals["ppl_tail"]
+        rows.append(
+            (
+                "kept samples with at most one loss token",
+                f"{_fmt(signals['at_most_one_loss_token'])} "
+                f"({_pct(signals['at_most_one_loss_token_share'])})",
+            )
+        )
+        rows.append(
+            (
+                f"kept samples from the top {_pct(1 - tail['quantile'])} of PPL",
+                f"{_pct(tail['kept_share'])} (input: {_pct(tail['input_share'])}; confidently "
+                "wrong labels sit in this tail)",
+            )
+        )
     return _table(["", "value"], rows, "kv")
 
 

@@ -565,8 +565,48 @@ def coverage(
     }
 
 
+#: Samples above this PPL quantile (of the whole epoch) form the "extreme PPL tail".
+PPL_TAIL_QUANTILE = 0.95
+#: Warn when more than this share of the kept samples carry at most one loss token.
+THIN_LOSS_WARN_SHARE = 0.5
+
+
+def selection_signals(ppl: np.ndarray, kept: np.ndarray, kept_loss_tokens: np.ndarray) -> dict:
+    """What a selection trains on, beyond counts (JSON-ready)::
+
+        {"kept_samples": k, "at_most_one_loss_token": n, "at_most_one_loss_token_share": f,
+         "ppl_tail": {"quantile": q, "ppl_above": v, "input_share": f, "kept_share": f}}
+
+    ``at_most_one_loss_token``: kept samples whose loss mask holds 0 or 1 token (on short
+    answers, unguarded pruning leaves only the end-of-turn token). ``ppl_tail``: the share of the
+    kept samples from the top ``1 - q`` of PPL, against the input's share: labels the model is
+    confidently sure are wrong sit there (high PPL, low entropy: the Q2 corner taken first).
+    """
+    kept = np.asarray(kept, dtype=bool)
+    ppl = np.asarray(ppl, dtype=np.float64)
+    tokens = np.asarray(kept_loss_tokens)[kept]
+    n_kept = int(kept.sum())
+    thin = int((tokens <= 1).sum())
+    finite = np.isfinite(ppl)
+    above = float(np.quantile(ppl[finite], PPL_TAIL_QUANTILE)) if finite.any() else float("nan")
+    tail = finite & (ppl > above)
+    return {
+        "kept_samples": n_kept,
+        "at_most_one_loss_token": thin,
+        "at_most_one_loss_token_share": thin / n_kept if n_kept else 0.0,
+        "ppl_tail": {
+            "quantile": PPL_TAIL_QUANTILE,
+            "ppl_above": above,
+            "input_share": float(tail.mean()) if len(ppl) else 0.0,
+            "kept_share": float(tail[kept].mean()) if n_kept else 0.0,
+        },
+    }
+
+
 __all__ = [
     "MIN_GROUP_SIZE",
+    "PPL_TAIL_QUANTILE",
+    "THIN_LOSS_WARN_SHARE",
     "POLICIES",
     "QUADRANT_NAMES",
     "SCOPES",
@@ -575,6 +615,7 @@ __all__ = [
     "coverage",
     "group_index",
     "group_plans",
+    "selection_signals",
     "stable_hash64",
     "triage",
 ]

@@ -89,7 +89,7 @@ def test_global_scope_starves_the_easy_source_and_says_so(mixed_cache):
     assert result.exit_code == 0, result.output
     assert "coverage by file" in result.output
     assert "under-represented in the kept samples: easy.jsonl" in result.output
-    assert "--set qtuning.scope=group --set qtuning.group_by=file" in result.output
+    assert "use --set qtuning.scope=group --set qtuning.group_by=file" in result.output
 
 
 def test_group_scope_keeps_k_g_per_source_with_its_own_ratio_and_a_tiny_group(mixed_cache):

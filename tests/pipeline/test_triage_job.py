@@ -104,7 +104,8 @@ def test_token_pruning_keeps_the_configured_share(scored_out):
     before = dict(zip(cache.column(0).to_pylist(), cache.column(1).to_pylist(), strict=True))
     for row in shards.to_pylist():
         n = before[row["sample_id"]]
-        expected = max(1, int(np.floor(0.3 * n + 1e-9))) if row["token_pruned"] else n
+        # One end-of-turn token per synthetic response: out of the budget, always kept.
+        expected = max(1, int(np.floor(0.3 * (n - 1) + 1e-9))) + 1 if row["token_pruned"] else n
         assert row["num_loss_tokens"] == expected
 
 
@@ -162,3 +163,59 @@ def test_model_fingerprint_tracks_content(tmp_path):
     assert model_fingerprint(tmp_path) == first
     (tmp_path / "model.safetensors").write_bytes(b"b" * 100)
     assert model_fingerprint(tmp_path) != first
+
+
+def _shard_rows(out: Path) -> list[dict]:
+    return pq.ParquetDataset(out / "data" / "epoch_000" / "train").read().to_pylist()
+
+
+def test_guards_keep_end_of_turn_tokens_and_short_answers_whole(tmp_path):
+    from qtune.pipeline.verify import verify_version
+
+    out = tmp_path / "out"
+    # Responses of ~1-40 tokens: the short ones must keep every token, the long ones their last.
+    write_synthetic_cache(out, 600, response_tokens=12, prompt_tokens=8, rows_per_file=256)
+    summary = run_triage(_cfg(out, "qtuning.sample_ratio=0.4"))
+    manifest = json.loads((out / "data/epoch_000/manifest.json").read_text())
+    assert manifest["qtuning"]["keep_end_of_turn"] is True
+    assert manifest["qtuning"]["min_prunable_tokens"] == 16
+    rows = _shard_rows(out)
+    cache = {
+        r["sample_id"]: r
+        for r in pq.ParquetDataset(out / "scores" / "epoch_000").read().to_pylist()
+    }
+    pruned = short = 0
+    for row in rows:
+        original = np.asarray(cache[row["sample_id"]]["loss_mask"], bool)
+        mask = np.asarray(row["loss_mask"], bool)
+        end = np.flatnonzero(original)[-1]
+        assert mask[end], row["sample_id"]  # the end-of-turn token always keeps its label
+        if original.sum() - 1 < 16:
+            short += 1
+            assert not row["token_pruned"] and np.array_equal(mask, original)
+        pruned += row["token_pruned"]
+    assert pruned and short  # both kinds were kept
+    assert summary.signals["at_most_one_loss_token"] == 0 and not summary.warnings
+    assert verify_version(out).ok
+
+
+def test_unguarded_pruning_of_short_answers_is_a_loud_warning(tmp_path):
+    out = tmp_path / "out"
+    write_synthetic_cache(out, 400, response_tokens=1, prompt_tokens=8, rows_per_file=256)
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        f"input: {{path: x}}\nmodel: {{path: y}}\noutput: {{dir: {out}}}\n"
+        "qtuning: {keep_end_of_turn: false, min_prunable_tokens: 0, sample_ratio: 0.5}\n"
+    )
+    result = CliRunner().invoke(app, ["triage", str(config)])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "data/epoch_000/manifest.json").read_text())
+    assert manifest["signals"]["at_most_one_loss_token_share"] > 0.5
+    [warning] = manifest["warnings"]
+    assert "carry at most one loss token" in warning and "keep_end_of_turn=true" in warning
+    assert "carry at most one loss token" in " ".join(result.output.split())
+    assert "kept from the top 5% PPL" in result.output
+    assert CliRunner().invoke(app, ["report", str(out)]).exit_code == 0
+    report = (out / "data/epoch_000/report/index.html").read_text()
+    assert "carry at most one loss token" in report
+    assert "kept samples from the top 5.0% of PPL" in report

@@ -196,12 +196,13 @@ def test_a_token_budget_violation_is_the_only_problem(out):
         columns=[schema.SAMPLE_ID, schema.N_RESPONSE_TOKENS]
     )
     n = dict(zip(*(c.to_pylist() for c in cache.columns), strict=True))[sample_id]
-    budget = max(1, int(np.floor(0.5 * n)))
+    # The end-of-turn guard: one end-of-turn token per turn, out of the budget and kept.
+    budget = max(1, int(np.floor(0.5 * (n - 1)))) + 1
     assert before[schema.NUM_LOSS_TOKENS] == budget
     problems = verify_version(out).problems
     assert problems == [
-        f"1 token-pruned sample(s) over the token budget max(1, floor(0.5 * n_response)): "
-        f"{sample_id} ({budget + 1} > {budget} of {n})"
+        f"1 token-pruned sample(s) over the token budget max(1, floor(0.5 * prunable)) + "
+        f"end-of-turn tokens: {sample_id} ({budget + 1} > {budget} of {n})"
     ]
 
 
