@@ -17,10 +17,13 @@ from qtune.pipeline.layout import publish_dir
 logger = logging.getLogger(__name__)
 
 DEMO_RECIPE = {
-    "version": 1,
+    "version": 2,
     "n_samples": 3000,
     "corpus_seed": 0,
+    # Long worked solutions (the paper's regime) beside the short answers: qtune/demo/worked.py.
+    "worked_samples": 600,
     "train_conversations": 6000,
+    "worked_train_conversations": 1500,
     "train_seed": 1,
     "vocab_size": 1024,
     "arch": "llama",
@@ -39,12 +42,14 @@ def _is_current(directory: Path, recipe: dict) -> bool:
 
 def prepare_demo_corpus(corpus_dir: Path, recipe: dict = DEMO_RECIPE) -> Path:
     from qtune.demo.corpus import write_demo_corpus
+    from qtune.demo.worked import write_worked
 
     if _is_current(corpus_dir, recipe):
         return corpus_dir
     staging = corpus_dir.with_name(f".{corpus_dir.name}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
     write_demo_corpus(staging, n_samples=recipe["n_samples"], seed=recipe["corpus_seed"])
+    write_worked(staging, recipe["worked_samples"], seed=recipe["corpus_seed"])
     (staging / STAMP).write_text(json.dumps(recipe))
     publish_dir(staging, corpus_dir)
     logger.info("demo corpus written to %s", corpus_dir)
@@ -56,11 +61,14 @@ def prepare_demo_model(model_dir: Path, recipe: dict = DEMO_RECIPE) -> Path:
 
     from qtune.demo.corpus import training_conversations
     from qtune.demo.model import build_bpe_tokenizer, save_tiny_model, tiny_config, train_tiny_model
+    from qtune.demo.worked import worked_conversations
 
     if _is_current(model_dir, recipe):
         return model_dir
     started = time.perf_counter()
-    conversations = training_conversations(recipe["train_conversations"], seed=recipe["train_seed"])
+    conversations = training_conversations(
+        recipe["train_conversations"], seed=recipe["train_seed"]
+    ) + worked_conversations(recipe["worked_train_conversations"], seed=recipe["train_seed"])
     tokenizer = build_bpe_tokenizer(
         (m["content"] for c in conversations for m in c), vocab_size=recipe["vocab_size"]
     )

@@ -472,8 +472,14 @@ def training_conversations(n: int, seed: int = 1) -> list[list[dict]]:
     included) but with no label noise and no near duplicates, drawn from a random stream that is
     separate from the corpus stream even for equal seeds.
     """
+    return [s["messages"] for s in clean_samples(n, seed)]
+
+
+def clean_samples(n: int, seed: int = 1) -> list[dict]:
+    """The samples behind :func:`training_conversations` (same stream), with their ``task``:
+    held-out sets use it to judge answers per task."""
     rng = random.Random(f"qtune-demo-train:{seed}")
-    return [s.messages() for s in _generate(n, rng, "train", 0.0, 0.0)]
+    return [s.to_dict() for s in _generate(n, rng, "train", 0.0, 0.0)]
 
 
 def _is_single_turn(messages: Sequence[dict]) -> bool:

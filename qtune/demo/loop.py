@@ -1,183 +1,141 @@
-"""The dynamic-pruning loop on the demo, end to end: train, re-score, re-triage, repeat.
+"""The dynamic-pruning loop on the demo: ``qtune compare``'s arms on the demo corpus and model.
 
-Three arms share one schedule (3 epochs of `transformers.Trainer` on CPU, starting from the demo
-model): `qtuning` (the config's ratios, re-scored with each epoch's checkpoint), `random` (the
-same number of samples chosen at random, all their tokens; also re-scored, so its migration is
-visible) and `full` (every sample and token; it does not depend on scores, so it is not
-re-scored). Each epoch trains on the version the previous checkpoint produced and is evaluated
-on a held-out split of clean conversations drawn from the same task distribution.
+The engine is :func:`qtune.pipeline.compare.run_arms` (arms, equal-budget random arm, resume);
+this module adds what only the demo knows: a held-out split drawn from the clean training
+distribution (400 short conversations and 100 worked solutions), the demo's answer judge, and the
+planted noise of the corpus, so that each version reports where every kind of noise went.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
-import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from qtune.pipeline.compare import (
+    ARMS,
+    PLOT,
+    RESULTS,
+    ArmResult,
+    TrainSettings,
+    eval_set,
+    run_arms,
+)
 from qtune.pipeline.config import load_config
 
 logger = logging.getLogger(__name__)
 
-ARMS = ("qtuning", "random", "full")
 HELDOUT_CONVERSATIONS = 400
+HELDOUT_WORKED = 100
 HELDOUT_SEED = 99
+#: The demo model is tiny and trained from scratch: a learning rate far above a real model's.
+DEMO_TRAINING = TrainSettings(learning_rate=5e-4, batch_size=16)
+_MAX_NEW_TOKENS = 400  # a worked solution of 24 steps
+
+__all__ = ["ARMS", "PLOT", "RESULTS", "noise_routing", "run_demo_loop"]
 
 
-@dataclass
-class EpochRecord:
-    epoch: int
-    version: str
-    kept_samples: int
-    kept_loss_tokens: int
-    train_loss: float
-    heldout_loss: float
-    quadrant_changed: int | None = None
-    kept_to_dropped: int | None = None
-    dropped_to_kept: int | None = None
-    seconds: float = 0.0
+def judge(generated: str, reference: str, task: str) -> bool:
+    """Worked solutions: the number on the ``Answer:`` line; short tasks: the whole sentence."""
+    from qtune.demo.worked import TASK as WORKED
+    from qtune.demo.worked import final_answer
+
+    if task == WORKED:
+        return final_answer(generated.strip()) == reference
+    return generated.strip() == reference.strip()
 
 
-@dataclass
-class ArmResult:
-    arm: str
-    epochs: list[EpochRecord] = field(default_factory=list)
+def heldout_samples() -> list[dict]:
+    """Clean held-out conversations with a reference answer (none for open-ended ``chat``)."""
+    from qtune.demo.corpus import clean_samples
+    from qtune.demo.worked import generate_worked
+
+    samples = []
+    for sample in clean_samples(HELDOUT_CONVERSATIONS, seed=HELDOUT_SEED):
+        answer = None if sample["task"] == "chat" else sample["messages"][-1]["content"]
+        samples.append({**sample, "answer": answer})
+    worked = generate_worked(HELDOUT_WORKED, seed=HELDOUT_SEED, noise_rate=0.0, id_prefix="heldout")
+    return samples + worked
 
 
-def _arm_overrides(arm: str, out: Path) -> list[str]:
-    common = [f"output.dir={out}", "scoring.backend=torch"]
-    if arm == "qtuning":
-        return common
-    if arm == "random":
-        return common + ["qtuning.policy=random", "qtuning.token_policy=none"]
-    return common + [
-        "qtuning.policy=random",
-        "qtuning.sample_ratio=1.0",
-        "qtuning.token_policy=none",
-    ]
+def planted_noise(recipe: dict) -> dict[str, tuple[str, str | None]]:
+    """sample_id -> (family, noise kind or None) for every demo row whose file carries an id."""
+    from qtune.demo.corpus import generate_samples
+    from qtune.demo.worked import generate_worked
+
+    truth = {
+        s["id"]: ("short", "short_wrong_label" if s["noisy"] else None)
+        for s in generate_samples(recipe["n_samples"], seed=recipe["corpus_seed"])
+    }
+    for s in generate_worked(recipe["worked_samples"], seed=recipe["corpus_seed"]):
+        truth[s["id"]] = ("worked", f"worked_{s['noise']}" if s["noise"] else None)
+    return truth
 
 
-def _heldout(model_dir: Path, max_length: int):
-    import datasets
+def noise_routing(version_dir: Path, truth: dict[str, tuple[str, str | None]]) -> dict:
+    """Per planted-noise kind: input and kept counts, its share of its family's input and of its
+    family's kept samples, and where it went by quadrant (kept and dropped)."""
+    import polars as pl
+    import pyarrow.dataset as pads
 
-    from qtune.demo.corpus import training_conversations
-    from qtune.stages.tokenize import Tokenize
-
-    tokenize = Tokenize(str(model_dir), max_length)
-    rows = []
-    for messages in training_conversations(HELDOUT_CONVERSATIONS, seed=HELDOUT_SEED):
-        ids, mask, _ = tokenize.encode(messages, "messages")
-        labels = [int(i) if m else -100 for i, m in zip(ids.tolist(), mask.tolist(), strict=True)]
-        rows.append({"input_ids": ids.tolist(), "attention_mask": [1] * len(ids), "labels": labels})
-    return datasets.Dataset.from_list(rows)
-
-
-def _train_one_epoch(
-    model, tokenizer, train, heldout, work: Path, seed: int
-) -> tuple[float, float]:
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
-
-    args = TrainingArguments(
-        output_dir=str(work),
-        num_train_epochs=1,
-        per_device_train_batch_size=16,
-        per_device_eval_batch_size=64,
-        learning_rate=5e-4,
-        warmup_steps=0,
-        lr_scheduler_type="constant",
-        logging_strategy="no",
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        seed=seed,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
+    columns = ["sample_id", "quadrant"]
+    kept = pl.from_arrow(pads.dataset(version_dir / "train").to_table(columns=columns))
+    dropped = pl.from_arrow(pads.dataset(version_dir / "dropped.parquet").to_table(columns=columns))
+    ids = list(truth)
+    known = pl.DataFrame(
+        {
+            "sample_id": ids,
+            "family": [truth[i][0] for i in ids],
+            "kind": [truth[i][1] for i in ids],
+        }
     )
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=train,
-        eval_dataset=heldout,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True),
-    )
-    result = trainer.train()
-    return float(result.training_loss), float(trainer.evaluate()["eval_loss"])
+    rows = pl.concat(
+        [kept.with_columns(kept=pl.lit(True)), dropped.with_columns(kept=pl.lit(False))]
+    ).join(known, on="sample_id")
+    routing = {}
+    for kind in sorted(k for k in rows.get_column("kind").unique().to_list() if k):
+        family = rows.filter(pl.col("kind") == kind).get_column("family")[0]
+        in_family = rows.filter(pl.col("family") == family)
+        mine = in_family.filter(pl.col("kind") == kind)
+        kept_family = int(in_family.get_column("kept").sum())
+        kept_mine = int(mine.get_column("kept").sum())
+        counts = mine.group_by(["quadrant", "kept"]).len().sort(["kept", "quadrant"])
+        routing[kind] = {
+            "input": mine.height,
+            "kept": kept_mine,
+            "input_share": mine.height / in_family.height,
+            "kept_share": kept_mine / kept_family if kept_family else 0.0,
+            "by_quadrant": {f"{'kept' if k else 'dropped'} {q}": n for q, k, n in counts.rows()},
+        }
+    return routing
 
 
 def run_demo_loop(
     config: Path = Path("configs/demo.yaml"),
     out_root: Path = Path("out/demo-loop"),
     epochs: int = 3,
+    arms: tuple[str, ...] = ARMS,
 ) -> list[ArmResult]:
-    """Run the three arms; return per-epoch records (also written to out_root/results.json)."""
-    import json
+    """Run the arms from scratch; return per-epoch records (also ``results.json``, a plot)."""
+    import shutil
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from qtune.demo.assets import DEMO_RECIPE, prepare_demo
 
-    from qtune.demo.assets import prepare_demo
-    from qtune.pipeline.consume import load_version
-    from qtune.pipeline.layout import OutputLayout
-    from qtune.pipeline.rescore_job import run_rescore
-    from qtune.pipeline.score_job import run_score
-    from qtune.pipeline.triage_job import run_triage
-
-    base_cfg = load_config(config)
-    if isinstance(base_cfg.input.path, list):
+    base = load_config(config)
+    if isinstance(base.input.path, list):
         raise ValueError("the demo config must name one input directory")
-    model_dir = Path(base_cfg.model.path)
-    prepare_demo(Path(base_cfg.input.path), model_dir)
+    model_dir = Path(base.model.path)
+    prepare_demo(Path(base.input.path), model_dir)
     shutil.rmtree(out_root, ignore_errors=True)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    heldout = _heldout(model_dir, base_cfg.model.max_length)
-
-    # Epoch 0 is scored once with the demo model; every arm triages that same cache.
-    first = out_root / "qtuning"
-    run_score(load_config(config, _arm_overrides("qtuning", first)))
-    results = []
-    for arm in ARMS:
-        out = out_root / arm
-        cfg = load_config(config, _arm_overrides(arm, out))
-        if arm != "qtuning":
-            source = OutputLayout(first)
-            for epoch_dir in (source.scores_dir(0), source.rejects_dir(0)):
-                if epoch_dir.is_dir():
-                    shutil.copytree(epoch_dir, out / epoch_dir.relative_to(source.root))
-        summary = run_triage(cfg, epoch=0)
-        model = AutoModelForCausalLM.from_pretrained(model_dir)
-        arm_result = ArmResult(arm)
-        for epoch in range(epochs):
-            started = time.perf_counter()
-            # Full data does not depend on scores: it trains on epoch 0's version every epoch.
-            version = 0 if arm == "full" else epoch
-            train = load_version(out, version, columns=["input_ids", "attention_mask", "labels"])
-            train_loss, heldout_loss = _train_one_epoch(
-                model, tokenizer, train, heldout, out / "trainer", seed=epoch
-            )
-            record = EpochRecord(
-                epoch=epoch,
-                version=f"epoch_{version:03d}",
-                kept_samples=summary.kept,
-                kept_loss_tokens=summary.kept_loss_tokens,
-                train_loss=train_loss,
-                heldout_loss=heldout_loss,
-            )
-            if summary.migration:
-                record.quadrant_changed = summary.migration["quadrant_changed"]
-                record.kept_to_dropped = summary.migration["kept_to_dropped"]
-                record.dropped_to_kept = summary.migration["dropped_to_kept"]
-            if epoch + 1 < epochs and arm != "full":
-                checkpoint = out / "checkpoints" / f"after-epoch-{epoch}"
-                model.save_pretrained(checkpoint)
-                tokenizer.save_pretrained(checkpoint)
-                _, summary = run_rescore(cfg, checkpoint, epoch=epoch + 1)
-            record.seconds = time.perf_counter() - started
-            arm_result.epochs.append(record)
-            logger.info("%s epoch %d: %s", arm, epoch, asdict(record))
-        results.append(arm_result)
-    (out_root / "results.json").write_text(
-        json.dumps(
-            [{"arm": r.arm, "epochs": [asdict(e) for e in r.epochs]} for r in results], indent=2
-        )
+    truth = planted_noise(DEMO_RECIPE)
+    evals = eval_set(heldout_samples(), model_dir, base.model.max_length, judge, _MAX_NEW_TOKENS)
+    return run_arms(
+        config,
+        out_root,
+        epochs=epochs,
+        arms=arms,
+        evals=evals,
+        # The torch backend: on the tiny model it has no engine start-up to pay.
+        overrides=["scoring.backend=torch", "output.report=false"],
+        train=DEMO_TRAINING,
+        noise=lambda version_dir: noise_routing(version_dir, truth),
     )
-    return results

@@ -745,60 +745,183 @@ def _check_demo_asset_dir(name: str, directory: Path) -> None:
 @app.command("demo-loop")
 def demo_loop(
     config: Annotated[Path, typer.Option(help="Demo config.")] = Path("configs/demo.yaml"),
-    out: Annotated[Path, typer.Option(help="Where the three arms publish.")] = Path(
-        "out/demo-loop"
-    ),
+    out: Annotated[Path, typer.Option(help="Where the arms publish.")] = Path("out/demo-loop"),
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs per arm.")] = 3,
+    arms: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated subset of the arms (qtuning is always run)."),
+    ] = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Train the demo model for N epochs on qtune's shards, re-scoring between epochs; compare
-    with full data and random selection at the same budget on a held-out clean split."""
-    from qtune.demo.loop import run_demo_loop
+    qtuning and its variants with random selection at the same sample and loss-token budget and
+    with full data: held-out loss and answer accuracy, and where the planted noise went."""
+    from qtune.demo.loop import PLOT, RESULTS, run_demo_loop
 
     _setup_logging(verbose)
     _check_demo_loop_out(out)
-    results = _guard(lambda: run_demo_loop(config, out, epochs))
+    chosen = _parse_arms(arms)
+    results = _guard(lambda: run_demo_loop(config, out, epochs, chosen))
+    print_demo_loop(results)
+    console.print(f"results: {out / RESULTS} and {out / PLOT}")
+
+
+def _parse_arms(arms: str | None) -> tuple[str, ...]:
+    from qtune.pipeline.compare import ARMS
+
+    if not arms:
+        return ARMS
+    names = {a.strip() for a in arms.split(",") if a.strip()} | {"qtuning"}
+    unknown = sorted(names - set(ARMS))
+    if unknown:
+        raise _fail(f"--arms: unknown {', '.join(unknown)}; valid: {', '.join(ARMS)}", 2)
+    return tuple(a for a in ARMS if a in names)
+
+
+@app.command()
+def compare(
+    config: ConfigArg,
+    out: Annotated[Path, typer.Option(help="Where the comparison writes (resumable).")] = Path(
+        "out/compare"
+    ),
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs per arm.")] = 3,
+    holdout: Annotated[
+        float, typer.Option(min=0.0, max=0.5, help="Share of the corpus held out for eval.")
+    ] = 0.02,
+    eval_file: Annotated[
+        str | None,
+        typer.Option("--eval", help="Held-out rows from this file instead of --holdout."),
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option(min=1, help="Use only the corpus' first N usable rows.")
+    ] = None,
+    proxy_model: Annotated[
+        str | None,
+        typer.Option(help="A smaller model with the same tokenizer, scored and trained instead."),
+    ] = None,
+    arms: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated subset of the arms (qtuning is always run)."),
+    ] = None,
+    learning_rate: Annotated[float, typer.Option(help="Trainer learning rate.")] = 1e-5,
+    batch_size: Annotated[int, typer.Option(min=1, help="Trainer batch size per device.")] = 8,
+    max_new_tokens: Annotated[
+        int, typer.Option(min=1, help="Longest generated answer when judging accuracy.")
+    ] = 256,
+    set_: SetOpt = None,
+    restart: Annotated[
+        bool, typer.Option("--restart", help="Discard an earlier comparison in --out.")
+    ] = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Does pruning help on this corpus and model? Train qtuning, its variants, random selection
+    at the same sample and loss-token budget, and full data for N epochs each (re-scoring
+    between epochs), then compare held-out loss and, where eval rows carry an `answer` field,
+    exact-match accuracy. Resumes per arm and epoch."""
+    from qtune.pipeline.compare import PLOT, RESULTS, TrainSettings, run_compare
+
+    _setup_logging(verbose)
+    _load(config, set_)  # a config error is a clean message before anything starts
+    chosen = _parse_arms(arms)
+
+    def show_plan(plan: dict) -> None:
+        console.print(
+            _table(
+                "qtune compare: plan",
+                [
+                    ("training rows", f"{plan['train_rows']:,}"),
+                    ("held-out rows", f"{plan['eval_rows']:,} ({plan['judged_rows']:,} judged)"),
+                    ("rejected rows", f"{plan['rejected_rows']:,}"),
+                    ("arms × epochs", f"{len(plan['arms'])} × {plan['epochs']}"),
+                    ("scoring passes", f"{plan['scoring_passes']} ({plan['scored_samples']:,})"),
+                    ("trained samples (at most)", f"{plan['trained_samples']:,}"),
+                ],
+            )
+        )
+
+    results = _guard(
+        lambda: run_compare(
+            config,
+            out,
+            epochs=epochs,
+            arms=chosen,
+            holdout=holdout,
+            eval_file=eval_file,
+            limit=limit,
+            proxy_model=proxy_model,
+            train=TrainSettings(learning_rate=learning_rate, batch_size=batch_size),
+            max_new_tokens=max_new_tokens,
+            restart=restart,
+            overrides=list(set_ or []),
+            on_plan=show_plan,
+        )
+    )
+    print_demo_loop(results)
+    console.print(f"results: {out / RESULTS} and {out / PLOT}")
+
+
+def print_demo_loop(results: list) -> None:
+    """Per arm and epoch: budget, losses, accuracy; then planted noise and the final verdict."""
+
+    def pct(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1%}"
+
+    tasks = sorted({t for r in results for e in r.epochs for t in e.accuracy_by_task})
+    per_task = tasks if len(tasks) > 1 else []
+    table = Table(title="every arm, every epoch", title_justify="left")
+    columns = ["arm", "epoch", "kept samples", "loss tokens", "train loss", "held-out loss",
+               "accuracy", *(f"acc. {t}" for t in per_task), "top-5% PPL share"]  # fmt: skip
+    for column in columns:
+        table.add_column(column, justify="left" if column == "arm" else "right")
     for result in results:
-        table = Table(title=f"arm: {result.arm}", title_justify="left")
-        for column in (
-            "epoch",
-            "version",
-            "kept samples",
-            "kept loss tokens",
-            "changed quadrant",
-            "kept → dropped",
-            "dropped → kept",
-            "train loss",
-            "held-out loss",
-        ):
-            table.add_column(column, justify="right")
         for e in result.epochs:
             table.add_row(
+                result.arm,
                 str(e.epoch),
-                e.version,
                 f"{e.kept_samples:,}",
                 f"{e.kept_loss_tokens:,}",
-                "-" if e.quadrant_changed is None else f"{e.quadrant_changed:,}",
-                "-" if e.kept_to_dropped is None else f"{e.kept_to_dropped:,}",
-                "-" if e.dropped_to_kept is None else f"{e.dropped_to_kept:,}",
                 f"{e.train_loss:.4f}",
                 f"{e.heldout_loss:.4f}",
+                pct(e.accuracy),
+                *(pct(e.accuracy_by_task.get(t)) for t in per_task),
+                pct(e.ppl_tail.get("kept_share")),
             )
-        console.print(table)
-    final = Table(
-        title="held-out loss after the last epoch (lower is better)", title_justify="left"
-    )
+    console.print(table)
+    kinds = sorted({k for r in results for k in r.epochs[-1].noise})
+    if kinds:
+        noise = Table(
+            title="planted noise in the last version trained on: kept share (input share)",
+            title_justify="left",
+        )
+        noise.add_column("arm")
+        for kind in kinds:
+            noise.add_column(kind.replace("_", " "), justify="right")
+        for result in results:
+            routing = result.epochs[-1].noise
+            noise.add_row(
+                result.arm,
+                *(
+                    f"{routing[k]['kept_share']:.1%} ({routing[k]['input_share']:.1%})"
+                    if k in routing
+                    else "-"
+                    for k in kinds
+                ),
+            )
+        console.print(noise)
+    final = Table(title="after the last epoch", title_justify="left")
+    final.add_column("")
     for result in results:
         final.add_column(result.arm, justify="right")
-    final.add_row(*(f"{r.epochs[-1].heldout_loss:.4f}" for r in results))
+    final.add_row("held-out loss", *(f"{r.epochs[-1].heldout_loss:.4f}" for r in results))
+    final.add_row("accuracy", *(pct(r.epochs[-1].accuracy) for r in results))
+    final.add_row("loss tokens", *(f"{r.epochs[-1].kept_loss_tokens:,}" for r in results))
     console.print(final)
-    console.print(f"results: {out / 'results.json'}")
 
 
 def _check_demo_loop_out(out: Path) -> None:
     """The demo loop deletes ``out`` before it starts: only an earlier demo loop's output (its
     arms' folders and results) may be there."""
-    from qtune.demo.loop import ARMS
+    from qtune.pipeline.compare import ARMS, PLOT, RESULTS
 
     resolved = out.resolve()
     if resolved in (Path("/"), Path.cwd().resolve(), Path.home().resolve()):
@@ -806,7 +929,7 @@ def _check_demo_loop_out(out: Path) -> None:
     if resolved.exists() and not resolved.is_dir():
         raise _fail(f"--out {out} is a file; the demo loop writes a directory there", code=2)
     if resolved.is_dir():
-        own = {*ARMS, "results.json"}
+        own = {*ARMS, RESULTS, PLOT}
         foreign = sorted(p.name for p in resolved.iterdir() if p.name not in own)
         if foreign:
             shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")

@@ -32,7 +32,7 @@ from qtune.pipeline.layout import (
 )
 
 
-def write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str | bytes) -> None:
     """Write a temporary file, fsync it, ``os.replace`` it over ``path``, fsync the directory.
 
     Readers see the old or the new file, never a partial one; the fsyncs make the change
@@ -42,12 +42,15 @@ def write_atomic(path: Path, text: str) -> None:
     _commit(_write_temporary(path, text), path)
 
 
-def _write_temporary(path: Path, text: str) -> Path:
-    """``text`` in a synced temporary file beside ``path`` (removed again if writing fails)."""
+def _write_temporary(path: Path, text: str | bytes) -> Path:
+    """``text`` (UTF-8) or bytes in a synced temporary file beside ``path`` (removed again if
+    writing fails)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
+        with open(tmp, "wb") as f:
+            if isinstance(text, str):
+                text = text.encode("utf-8")
             f.write(text)
             f.flush()
             os.fsync(f.fileno())

@@ -9,7 +9,9 @@ def test_demo_assets_build_once_and_reuse(tmp_path):
     recipe = {
         **DEMO_RECIPE,
         "n_samples": 40,
+        "worked_samples": 12,
         "train_conversations": 64,
+        "worked_train_conversations": 16,
         "train_steps": 20,
         "vocab_size": 300,
     }
@@ -20,6 +22,7 @@ def test_demo_assets_build_once_and_reuse(tmp_path):
         "chat.jsonl",
         "completions.jsonl",
         "sharegpt.json",
+        "worked.jsonl",
     ]
     stamp_time = (model / STAMP).stat().st_mtime_ns
     assert prepare_demo_model(tmp_path / "model", recipe) == model
