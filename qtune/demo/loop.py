@@ -127,7 +127,7 @@ def run_demo_loop(
     prepare_demo(Path(base.input.path), model_dir)
     shutil.rmtree(out_root, ignore_errors=True)
     truth = planted_noise(DEMO_RECIPE)
-    evals = eval_set(heldout_samples(), model_dir, base.model.max_length, judge, _MAX_NEW_TOKENS)
+    evals = eval_set(heldout_samples(), base.model, judge, _MAX_NEW_TOKENS)
     return run_arms(
         config,
         out_root,

@@ -861,18 +861,17 @@ def compare(
 
 
 def print_demo_loop(results: list) -> None:
-    """Per arm and epoch: budget, losses, accuracy; then planted noise and the final verdict."""
+    """Per arm and epoch: budget, losses, accuracy; per task after the last epoch; planted noise
+    (the demo); the final verdict side by side."""
 
     def pct(value: float | None) -> str:
         return "-" if value is None else f"{value:.1%}"
 
-    tasks = sorted({t for r in results for e in r.epochs for t in e.accuracy_by_task})
-    per_task = tasks if len(tasks) > 1 else []
     table = Table(title="every arm, every epoch", title_justify="left")
-    columns = ["arm", "epoch", "kept samples", "loss tokens", "train loss", "held-out loss",
-               "accuracy", *(f"acc. {t}" for t in per_task), "top-5% PPL share"]  # fmt: skip
+    columns = ("arm", "epoch", "samples", "loss tokens", "train loss", "held-out loss",
+               "accuracy", "top-5% PPL")  # fmt: skip
     for column in columns:
-        table.add_column(column, justify="left" if column == "arm" else "right")
+        table.add_column(column, justify="left" if column == "arm" else "right", no_wrap=True)
     for result in results:
         for e in result.epochs:
             table.add_row(
@@ -883,10 +882,32 @@ def print_demo_loop(results: list) -> None:
                 f"{e.train_loss:.4f}",
                 f"{e.heldout_loss:.4f}",
                 pct(e.accuracy),
-                *(pct(e.accuracy_by_task.get(t)) for t in per_task),
                 pct(e.ppl_tail.get("kept_share")),
             )
     console.print(table)
+    tasks = sorted({t for r in results for t in r.epochs[-1].heldout_loss_by_task})
+    if tasks:
+        by_task = Table(
+            title="after the last epoch, by task: held-out loss / accuracy", title_justify="left"
+        )
+        by_task.add_column("arm", no_wrap=True)
+        for task in tasks:
+            by_task.add_column(task, justify="right")
+        for result in results:
+            last = result.epochs[-1]
+            by_task.add_row(
+                result.arm,
+                *(
+                    f"{last.heldout_loss_by_task.get(t, float('nan')):.2f} / "
+                    + (
+                        "-"
+                        if last.accuracy_by_task.get(t) is None
+                        else f"{last.accuracy_by_task[t]:.0%}"
+                    )
+                    for t in tasks
+                ),
+            )
+        console.print(by_task)
     kinds = sorted({k for r in results for k in r.epochs[-1].noise})
     if kinds:
         noise = Table(
@@ -909,12 +930,17 @@ def print_demo_loop(results: list) -> None:
             )
         console.print(noise)
     final = Table(title="after the last epoch", title_justify="left")
-    final.add_column("")
+    for column in ("arm", "held-out loss", "accuracy", "loss tokens", "samples"):
+        final.add_column(column, justify="left" if column == "arm" else "right", no_wrap=True)
     for result in results:
-        final.add_column(result.arm, justify="right")
-    final.add_row("held-out loss", *(f"{r.epochs[-1].heldout_loss:.4f}" for r in results))
-    final.add_row("accuracy", *(pct(r.epochs[-1].accuracy) for r in results))
-    final.add_row("loss tokens", *(f"{r.epochs[-1].kept_loss_tokens:,}" for r in results))
+        last = result.epochs[-1]
+        final.add_row(
+            result.arm,
+            f"{last.heldout_loss:.4f}",
+            pct(last.accuracy),
+            f"{last.kept_loss_tokens:,}",
+            f"{last.kept_samples:,}",
+        )
     console.print(final)
 
 

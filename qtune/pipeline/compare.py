@@ -38,7 +38,7 @@ import numpy as np
 import pyarrow as pa
 
 from qtune import schema
-from qtune.pipeline.config import QTuneConfig, load_config
+from qtune.pipeline.config import ModelConfig, QTuneConfig, load_config
 from qtune.pipeline.errors import PipelineError
 from qtune.pipeline.layout import OutputLayout
 from qtune.pipeline.publish import MANIFEST, write_atomic
@@ -56,7 +56,7 @@ ARMS: tuple[str, ...] = (
 ARM_SETTINGS: dict[str, list[str]] = {
     "qtuning": [],
     "qtuning-no-token-pruning": ["qtuning.token_policy=none"],
-    "qtuning-group": ["qtuning.scope=group", "qtuning.group_by=file"],
+    "qtuning-group": ["qtuning.scope=group"],
     "qtuning-unguarded": ["qtuning.keep_end_of_turn=false", "qtuning.min_prunable_tokens=0"],
     "random": ["qtuning.policy=random", "qtuning.token_policy=random"],
     "full": ["qtuning.policy=random", "qtuning.sample_ratio=1.0", "qtuning.token_policy=none"],
@@ -81,6 +81,7 @@ class EpochRecord:
     heldout_loss: float
     accuracy: float | None  # exact match of the answer; None: no held-out row has one
     accuracy_by_task: dict[str, float] = field(default_factory=dict)
+    heldout_loss_by_task: dict[str, float] = field(default_factory=dict)
     noise: dict[str, dict] = field(default_factory=dict)  # planted noise (demo): where it went
     ppl_tail: dict = field(default_factory=dict)  # kept share from the top 5% of PPL
     quadrant_changed: int | None = None
@@ -100,7 +101,7 @@ class ArmResult:
 class EvalSet:
     """Held-out conversations: all for the loss; those with a reference answer for accuracy."""
 
-    loss_rows: Any  # datasets.Dataset: input_ids, attention_mask, labels
+    loss_rows: Any  # datasets.Dataset: input_ids, attention_mask, labels, task
     prompts: list[list[dict]]  # the conversation up to its last assistant turn
     references: list[str]
     tasks: list[str]
@@ -129,18 +130,21 @@ def answer_matches(generated: str, reference: str, task: str = "") -> bool:
     return bool(lines) and re.search(pattern, lines[-1].strip()) is not None
 
 
-def eval_set(
-    samples: list[dict], model_dir: Path, max_length: int, judge: Judge, max_new_tokens: int
-) -> EvalSet:
+def eval_set(samples: list[dict], model: ModelConfig, judge: Judge, max_new_tokens: int) -> EvalSet:
     """``samples``: ``{"messages", "task"?, "answer"?, "tools"?}``. Every row counts towards the
     held-out loss (rows the tokenizer rejects are left out, with a warning); rows whose last turn
     is the assistant's and that carry an ``answer`` are judged by ``judge`` on a greedy
     generation of that turn."""
     import datasets
 
-    from qtune.stages.tokenize import Tokenize
+    from qtune.stages.tokenize import Tokenize, resolve_chat_template
 
-    tokenize = Tokenize(str(model_dir), max_length)
+    tokenize = Tokenize(
+        str(Path(model.path).absolute()),
+        model.max_length,
+        resolve_chat_template(model.chat_template),
+        model.overlength,
+    )
     rows, prompts, references, tasks = [], [], [], []
     rejected = 0
     for sample in samples:
@@ -151,12 +155,16 @@ def eval_set(
             rejected += 1
             continue
         labels = np.where(mask, ids, schema.IGNORE_INDEX).tolist()
-        rows.append({"input_ids": ids.tolist(), "attention_mask": [1] * len(ids), "labels": labels})
+        task = str(sample.get("task") or "all")
+        rows.append(
+            {"input_ids": ids.tolist(), "attention_mask": [1] * len(ids), "labels": labels,
+             "task": task}
+        )  # fmt: skip
         answer = sample.get(_ANSWER_FIELD)
         if answer is not None and messages[-1]["role"] == "assistant":
             prompts.append(messages[:-1])
             references.append(str(answer))
-            tasks.append(str(sample.get("task") or "all"))
+            tasks.append(task)
     if rejected:
         logger.warning("%d held-out rows could not be tokenised and are left out", rejected)
     if not rows:
@@ -168,11 +176,19 @@ def eval_set(
 
 def _accuracy(model, tokenizer, evals: EvalSet) -> tuple[float | None, dict[str, float]]:
     """Greedy generation of each judged prompt's answer; exact match overall and per task."""
-    import torch
 
     if not evals.prompts:
         return None, {}
-    tokenizer.padding_side = "left"
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"  # for generation only
+    try:
+        return _judged(model, tokenizer, evals)
+    finally:
+        tokenizer.padding_side = padding_side
+
+
+def _judged(model, tokenizer, evals: EvalSet) -> tuple[float, dict[str, float]]:
+    import torch
+
     texts = [
         tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
         for p in evals.prompts
@@ -248,11 +264,18 @@ def _train_one_epoch(model, tokenizer, train, evals: EvalSet, work: Path, settin
         model=model,
         args=args,
         train_dataset=train,
-        eval_dataset=evals.loss_rows,
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True),
     )
     result = trainer.train()
-    return float(result.training_loss), float(trainer.evaluate()["eval_loss"])
+    rows = evals.loss_rows
+    by_task = {}
+    tasks = sorted(set(rows["task"]))
+    if len(tasks) > 1:
+        for task in tasks:
+            subset = rows.filter(lambda r, t=task: r["task"] == t).remove_columns("task")
+            by_task[task] = float(trainer.evaluate(subset)["eval_loss"])
+    overall = float(trainer.evaluate(rows.remove_columns("task"))["eval_loss"])
+    return float(result.training_loss), overall, by_task
 
 
 def _version_facts(out: Path, version: int) -> dict:
@@ -342,20 +365,21 @@ def run_arms(
 ) -> list[ArmResult]:
     """Run (or resume) every arm; ``overrides`` apply to every arm's config (``model.path``,
     ``input.path``...). ``noise(version_dir)``: where planted noise went (the demo knows)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from qtune.pipeline.consume import load_version
     from qtune.pipeline.progress import StepProgress
     from qtune.pipeline.rescore_job import run_rescore
     from qtune.pipeline.score_job import run_score
     from qtune.pipeline.triage_job import run_triage
+    from qtune.stages.tokenize import load_tokenizer, resolve_chat_template
 
     unknown = [a for a in arms if a not in ARMS]
     if unknown or "qtuning" not in arms:
         raise PipelineError(f"arms must include qtuning and be among {', '.join(ARMS)}")
     base = load_config(config, overrides)
     model_dir = Path(base.model.path)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(str(model_dir), resolve_chat_template(base.model.chat_template))
     done = _load_results(out_root)
     first = out_root / "qtuning"
     ordered = [a for a in ARMS if a in arms]
@@ -391,7 +415,7 @@ def run_arms(
                     run_rescore(cfg, checkpoints / f"after-epoch-{epoch - 1}", epoch=epoch)
                 facts = _version_facts(out, version)
                 data = load_version(out, version, columns=["input_ids", "attention_mask", "labels"])
-                train_loss, heldout_loss = _train_one_epoch(
+                train_loss, heldout_loss, loss_by_task = _train_one_epoch(
                     model, tokenizer, data, evals, out / "trainer", train, epoch
                 )
                 accuracy, by_task = _accuracy(model, tokenizer, evals)
@@ -405,6 +429,7 @@ def run_arms(
                     heldout_loss=heldout_loss,
                     accuracy=accuracy,
                     accuracy_by_task=by_task,
+                    heldout_loss_by_task=loss_by_task,
                     noise=noise(OutputLayout(out).data_dir(version)) if noise else {},
                     ppl_tail=facts["ppl_tail"],
                     quadrant_changed=migration.get("quadrant_changed"),
@@ -445,6 +470,7 @@ def results_png(results: list[ArmResult]) -> bytes:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     panels = (
@@ -460,7 +486,9 @@ def results_png(results: list[ArmResult]) -> bytes:
             ax.plot([e.epoch for e in result.epochs], values, marker="o", label=result.arm)
         ax.set_title(title)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
+    axes[2].set_yscale("log")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     buffer = io.BytesIO()
@@ -641,9 +669,7 @@ def run_compare(
         recorded,
         json.dumps({"fingerprint": settings_fingerprint(settings), **settings, "plan": plan}),
     )  # after the plan: a comparison that could not start leaves nothing to resume
-    evals = eval_set(
-        split.eval_rows, Path(cfg.model.path), cfg.model.max_length, answer_matches, max_new_tokens
-    )
+    evals = eval_set(split.eval_rows, cfg.model, answer_matches, max_new_tokens)
     return run_arms(
         config,
         out,

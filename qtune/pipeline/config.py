@@ -166,16 +166,17 @@ class QTuningConfig(_Section):
     )
     scope: Literal["global", "batch", "group"] = Field(
         "global",
-        description="Where quantiles are taken: the whole epoch (`global`), seeded pseudo "
-        "mini-batches of `batch_size` (`batch`, as in the paper), or each group of `group_by` "
-        "(`group`: every part of a mixed corpus keeps its share).",
+        description='Where quantiles are taken: the whole epoch (`global`; README "Mixed '
+        'corpora" gives the measurements behind this default), each group of `group_by`, by '
+        "default each input file (`group`: every part of a mixed corpus keeps its share), or "
+        "seeded pseudo mini-batches of `batch_size` (`batch`, as in the paper).",
     )
     batch_size: int = Field(8, ge=1, description="Pseudo mini-batch size for scope `batch`.")
     group_by: str | None = Field(
         None,
         description="Groups for scope `group` and for the coverage check: `file` (the source "
         "file of each row) or a top-level field of the input rows (e.g. `task`, `category`). "
-        "Unset: the coverage check groups by file.",
+        "Unset: by file.",
     )
     group_ratios: dict[str, float] = Field(
         default_factory=dict,
@@ -213,14 +214,6 @@ class QTuningConfig(_Section):
         if bad:
             raise ValueError(f"group ratios must be in (0, 1]; got {bad}")
         return value
-
-    @model_validator(mode="after")
-    def _group_scope_needs_groups(self) -> QTuningConfig:
-        if self.scope == "group" and not self.group_by:
-            raise ValueError(
-                "scope `group` needs qtuning.group_by: `file` or a field of the input rows"
-            )
-        return self
 
 
 class OutputConfig(_Section):

@@ -345,10 +345,14 @@ def qtuning_policy(
     ``group``: one scope per label in ``groups``). ``groups`` is ignored by the other scopes."""
     _check_scope(scope)
     n = len(ppl)
+    one_group = None
     if scope == "group":
         plans = group_plans(groups, n, sample_ratio, group_ratios, min_group_size)
-        return _qtuning_groups(ppl, entropy, tiebreak, plans, normalize)
-    if scope == "global":
+        whole = len(plans) == 1 and not plans[0].small and plans[0].ratio == sample_ratio
+        if not whole:
+            return _qtuning_groups(ppl, entropy, tiebreak, plans, normalize)
+        one_group = plans[0].name  # a single group is the whole epoch: global triage
+    if scope == "global" or one_group is not None:
         groups = [np.arange(n)[None, :]]
     else:
         groups = _batches(tiebreak, batch_size, seed)
@@ -365,8 +369,10 @@ def qtuning_policy(
         a_values.append(a)
     a_all = np.concatenate(a_values)
     thresholds = {"scope": scope, "a_mean": float(a_all.mean()), "a_min": float(a_all.min())}
-    if scope == "global":
+    if scope == "global" or one_group is not None:
         thresholds.update(_scope_thresholds(ppl, entropy, float(a_all[0])))
+        if one_group is not None:
+            thresholds["single_group"] = one_group
     else:
         thresholds.update(batches=int(sum(len(g) for g in groups)), batch_size=batch_size)
     return Decisions(quadrant, kept, filled, pruned & kept, thresholds)

@@ -72,7 +72,7 @@ def _kept_by_source(out: Path) -> dict[str, int]:
 
 
 def test_global_scope_starves_the_easy_source_and_says_so(mixed_cache):
-    summary = run_triage(_cfg(mixed_cache))
+    summary = run_triage(_cfg(mixed_cache, "qtuning.scope=global"))
     kept = _kept_by_source(mixed_cache)
     proportional = 0.25 * SIZES["easy.jsonl"]
     assert kept["easy.jsonl"] < 0.1 * proportional  # starved
@@ -84,6 +84,7 @@ def test_global_scope_starves_the_easy_source_and_says_so(mixed_cache):
     config = mixed_cache.parent / "c.yaml"
     config.write_text(
         f"input: {{path: x}}\nmodel: {{path: y}}\noutput: {{dir: {mixed_cache}, report: false}}\n"
+        "qtuning: {scope: global}\n"
     )
     result = CliRunner().invoke(app, ["triage", str(config)])
     assert result.exit_code == 0, result.output

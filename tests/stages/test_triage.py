@@ -255,6 +255,31 @@ def test_group_scope_keeps_an_easy_group_that_global_scope_starves():
     json.dumps(t, allow_nan=False)
 
 
+def test_one_group_is_global_triage_with_global_thresholds():
+    """`scope: group` by file on a one-file corpus triages exactly as `global` and records
+    plottable thresholds."""
+    ppl, ent, _, ids = _mixed_corpus()
+    n = len(ppl)
+    glob = triage("qtuning", ppl, ent, np.ones(n), ids, sample_ratio=0.25)
+    one = triage(
+        "qtuning", ppl, ent, np.ones(n), ids, sample_ratio=0.25, scope="group",
+        groups=np.array(["corpus.jsonl"] * n, dtype=object),
+    )  # fmt: skip
+    for field in ("kept", "filled", "token_pruned", "quadrant"):
+        assert np.array_equal(getattr(one, field), getattr(glob, field)), field
+    assert one.thresholds["scope"] == "group" and one.thresholds["single_group"] == "corpus.jsonl"
+    for key in ("a", "ppl_high", "entropy_low"):
+        assert one.thresholds[key] == glob.thresholds[key]
+
+
+def test_group_scope_without_group_by_groups_by_file():
+    from qtune.pipeline.config import load_config
+
+    overrides = ["input.path=x", "model.path=y", "output.dir=z", "qtuning.scope=group"]
+    q = load_config(None, overrides).qtuning
+    assert q.scope == "group" and q.group_by is None  # sample_groups: unset groups by file
+
+
 def test_group_ratios_override_sample_ratio():
     rng = np.random.default_rng(22)
     n = 120
