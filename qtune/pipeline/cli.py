@@ -709,6 +709,7 @@ def demo(
     config: Annotated[Path, typer.Option(help="Demo config.")] = Path("configs/demo.yaml"),
     set_: SetOpt = None,
     limit: LimitOpt = None,
+    restart: RestartOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Build the demo corpus and tiny model (cached), then run the main job on embedded Ray."""
@@ -722,7 +723,28 @@ def demo(
     for name, directory in (("input.path", corpus_dir), ("model.path", model_dir)):
         _check_demo_asset_dir(name, directory)
     prepare_demo(corpus_dir=corpus_dir, model_dir=model_dir)
-    _run(cfg, limit=limit)
+    stale = _demo_output_predates_assets(cfg, corpus_dir, model_dir)
+    if stale and not restart:
+        # A newer demo recipe rebuilt the corpus and model after this output was written: it is
+        # another corpus's, and `run` would refuse it. --restart removes only qtune's own files.
+        logging.getLogger(__name__).info(
+            "%s was written from earlier demo assets: restarting the demo run", cfg.output.dir
+        )
+    _run(cfg, restart=restart or stale, limit=limit)
+
+
+def _demo_output_predates_assets(cfg: QTuneConfig, corpus_dir: Path, model_dir: Path) -> bool:
+    """Whether the demo's (local) output was scored before its assets were last built."""
+    from qtune.demo.assets import STAMP
+    from qtune.pipeline.layout import OutputLayout
+
+    if storage.is_remote(cfg.output.dir):
+        return False
+    summary = OutputLayout(Path(cfg.output.dir)).score_summary(0)
+    if not summary.is_file():
+        return False
+    stamps = [d / STAMP for d in (corpus_dir, model_dir) if (d / STAMP).is_file()]
+    return any(s.stat().st_mtime > summary.stat().st_mtime for s in stamps)
 
 
 def _check_demo_asset_dir(name: str, directory: Path) -> None:
