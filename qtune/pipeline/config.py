@@ -130,7 +130,7 @@ class ScoringConfig(_Section):
 
 
 #: Default of ``qtuning.min_prunable_tokens``; README "Pruning guards" gives the measurement.
-MIN_PRUNABLE_TOKENS = 16
+MIN_PRUNABLE_TOKENS = 4
 
 
 class QTuningConfig(_Section):

@@ -17,7 +17,7 @@ from PIL import Image
 
 from qtune import schema
 from qtune.demo.synthetic_cache import write_synthetic_cache
-from qtune.pipeline.config import QTuneConfig
+from qtune.pipeline.config import MIN_PRUNABLE_TOKENS, QTuneConfig
 from qtune.pipeline.layout import OutputLayout
 from qtune.pipeline.report_job import FIGURES, ReportError, write_report
 from qtune.pipeline.triage_job import run_triage
@@ -151,11 +151,13 @@ def test_stats_match_the_manifest(published, reports):
         assert plane["samples"] == plane["plotted"] == N and not plane["subsampled"]
         assert sum(q["samples"] for q in plane["quadrants"].values()) == N
         # Token pruning: every token-pruned sample keeps floor(0.5 * (n - 1)) of its response
-        # tokens and its end-of-turn token; it has at least min_prunable_tokens (16) + 1.
+        # tokens and its end-of-turn token; it has at least m = min_prunable_tokens + 1 tokens,
+        # so it keeps at most (m / 2 + 1) / (m + 1) = 0.5 + 0.5 / (m + 1) of them.
         tp = stats["token_pruning"]
         assert tp["samples"] == sum(q["token_pruned"] for q in manifest["quadrants"].values())
-        assert 0.3 < tp["kept_fraction"]["median"] <= 0.5 + 1 / 17
-        assert tp["kept_fraction"]["max"] <= 0.5 + 1 / 17
+        bound = 0.5 + 0.5 / (MIN_PRUNABLE_TOKENS + 1)
+        assert 0.3 < tp["kept_fraction"]["median"] <= bound
+        assert tp["kept_fraction"]["max"] <= bound
         # Sources: no per-source accounting in a synthetic cache, so counted here.
         assert stats["sources_from"] == "computed"
         assert stats["sources"]["synthetic.jsonl"]["kept"] == manifest["counts"]["kept"]

@@ -175,9 +175,9 @@ def test_guards_keep_end_of_turn_tokens_and_short_answers_whole(tmp_path):
     out = tmp_path / "out"
     # Responses of ~1-40 tokens: the short ones must keep every token, the long ones their last.
     write_synthetic_cache(out, 600, response_tokens=12, prompt_tokens=8, rows_per_file=256)
-    summary = run_triage(_cfg(out, "qtuning.sample_ratio=0.4"))
+    summary = run_triage(_cfg(out, "qtuning.sample_ratio=0.4", "qtuning.min_prunable_tokens=16"))
     manifest = json.loads((out / "data/epoch_000/manifest.json").read_text())
-    assert manifest["qtuning"]["keep_end_of_turn"] is True
+    assert manifest["qtuning"]["keep_end_of_turn"] is True  # the default
     assert manifest["qtuning"]["min_prunable_tokens"] == 16
     rows = _shard_rows(out)
     cache = {
