@@ -23,7 +23,6 @@ the next arm and epoch. ``run_compare`` prepares a user's corpus first: a held-o
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -41,7 +40,7 @@ from qtune import schema
 from qtune.pipeline.config import ModelConfig, QTuneConfig, load_config
 from qtune.pipeline.errors import PipelineError
 from qtune.pipeline.layout import OutputLayout
-from qtune.pipeline.publish import MANIFEST, write_atomic
+from qtune.pipeline.publish import MANIFEST, read_manifest, sha256_text, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -280,7 +279,7 @@ def _train_one_epoch(model, tokenizer, train, evals: EvalSet, work: Path, settin
 
 def _version_facts(out: Path, version: int) -> dict:
     """kept samples, loss tokens, extreme-PPL tail and migration, from a version's manifest."""
-    manifest = json.loads((OutputLayout(out).data_dir(version) / MANIFEST).read_text())
+    manifest = read_manifest(OutputLayout(out), version)
     counts = manifest["counts"]
     return {
         "kept": counts["kept"],
@@ -603,7 +602,7 @@ def cost_estimate(rows: int, epochs: int, arms: tuple[str, ...], sample_ratio: f
 
 
 def settings_fingerprint(settings: dict) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return sha256_text(json.dumps(settings, sort_keys=True))[:16]
 
 
 def run_compare(
